@@ -253,7 +253,8 @@ def load_prompts(spec: str = "animals") -> list[Prompt]:
             raise ValueError(f"--prompts {spec}: no prompts in {path}"
                              + (f" for categories {sorted(wanted)}" if wanted else "") + ".")
         return [parse_marked(r["Prompts"]) for r in rows]
-    if os.path.splitext(path)[1] in (".txt", "") and (os.path.sep in path or os.path.isfile(path)):
+    ext = os.path.splitext(path)[1]
+    if ext == ".txt" or (ext == "" and (os.path.sep in path or os.path.isfile(path))):  # a missing .txt: say so
         return [parse_marked(line) for line in _read_lines(path, f"--prompts {spec}")]
     raise ValueError(f"--prompts {spec!r}: not a prompt set ({', '.join(PROMPT_SETS)}) nor a .txt/.csv file.")
 
@@ -291,6 +292,20 @@ def encode_prompts(models: Models, prompts: list[Prompt]):
     return encode_text(models, [p.text for p in prompts]), positions
 
 
+class PromptEncoder:
+    """encode_prompts with a cache: the text encoder is frozen, so each distinct prompt is encoded once."""
+
+    def __init__(self, models: Models):
+        self.models, self.cache = models, {}
+
+    def __call__(self, prompts: list[Prompt]):
+        new = list({p: None for p in prompts if p not in self.cache})
+        if new:
+            hidden, positions = encode_prompts(self.models, new)
+            self.cache.update({p: (h, pos) for p, h, pos in zip(new, hidden, positions)})
+        return torch.stack([self.cache[p][0] for p in prompts]), [self.cache[p][1] for p in prompts]
+
+
 # -----------------------------------------------------------------------------
 # The DDIM step with log-prob (Song et al. 2021, "Denoising Diffusion Implicit Models"; as in the
 # DDPO reference implementation, whose clip_range values depend on these exact conventions).
@@ -312,7 +327,9 @@ def ddim_step(scheduler, eps, t, x_t, eta: float, num_steps: int, x_prev=None, g
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # eq. (16), sigma_t^2 at eta = 1
     std = eta * var.sqrt()
     mean = a_prev.sqrt() * x0_hat + (1 - a_prev - std ** 2).sqrt() * eps  # eq. (12), "direction to x_t"
-    if x_prev is None:
+    if x_prev is None and eta == 0:
+        x_prev = mean  # deterministic: no noise drawn, so the generator's state does not move
+    elif x_prev is None:
         z = torch.randn(x_t.shape, generator=generator, device=generator.device if generator else "cpu")
         x_prev = mean + std * z.to(x_t.device)
     x_prev = x_prev.float()
@@ -334,11 +351,12 @@ def timesteps(models: Models, num_steps: int) -> torch.Tensor:
 
 def guided_eps(unet, x, t, cond, uncond, w):
     """eps_uncond + w * (eps_cond - eps_uncond), cond and uncond in ONE batched UNet call.
-    x (B, C, h, w); t int or (B,); cond, uncond (B, 77, D); w (B,) guidance scales."""
+    x (B, C, h, w); t int or (B,); cond (B, 77, D), uncond (B or 1, 77, D); w (B,) guidance scales."""
     B = x.shape[0]
     t = torch.as_tensor(t, device=x.device).expand(B)
     dtype = next(unet.parameters()).dtype
-    out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]).to(dtype)).sample
+    emb = torch.cat([uncond.expand(B, -1, -1), cond]).to(dtype)
+    out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=emb).sample
     eps_uncond, eps_cond = out.float().chunk(2)
     return eps_uncond + w.view(B, 1, 1, 1).float() * (eps_cond - eps_uncond)
 
@@ -376,8 +394,11 @@ def sample(models: Models, cond, uncond, guidance, num_steps: int, eta: float, g
     B, device = cond.shape[0], models.device
     ts = timesteps(models, num_steps)
     T = len(ts)
-    w = torch.as_tensor(guidance, dtype=torch.float32, device=device).expand(B, T) if not torch.is_tensor(guidance) or guidance.ndim < 2 else guidance.to(device)
-    uncond = uncond.expand(B, -1, -1)
+    w = torch.as_tensor(guidance, dtype=torch.float32, device=device)
+    if w.ndim == 0:
+        w = w.expand(B, T)  # fixed CFG
+    if w.shape != (B, T):
+        raise ValueError(f"guidance must be a float or a (B, T) = ({B}, {T}) tensor, got shape {tuple(w.shape)}")
     gen_device = generator.device if generator is not None else "cpu"
     x = torch.randn((B, *models.latent_shape), generator=generator, device=gen_device).to(device) * models.scheduler.init_noise_sigma
     grad_from = T - grad_last_k

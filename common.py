@@ -1,0 +1,227 @@
+"""
+Run scaffolding shared by the trainers and evaluate.py: the run folder, metrics.jsonl, the reward
+plot and image grids, atomic checkpoints, RNG state, and the per-prompt sample picker. No math of
+either method lives here; that stays in the trainers, diffusion.py and explore.py.
+"""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+
+import lora
+
+
+# -----------------------------------------------------------------------------
+# Config groups both trainers share
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 4
+    alpha: float = 4.0  # scale = alpha / rank
+    targets: tuple[str, ...] = lora.DEFAULT_TARGETS  # nn.Linear name suffixes in the UNet
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    grid_every: int = 10  # epochs between PNG grids of samples (and the last epoch)
+    save_every: int = 10  # epochs between checkpoints (and the last epoch)
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    grid_size: int = 16  # samples shown per grid
+
+
+def print0(*args, **kwargs):
+    """Prints on rank 0 only (all ranks when not distributed)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def to_jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    return obj
+
+
+def start_run(cfg) -> str:
+    """Creates the run folder (see resolve_run_dir), stores and prints the config. -> run folder."""
+    run_dir = resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name)
+    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(to_jsonable(cfg), f, indent=2)
+    print0(json.dumps(to_jsonable(cfg), indent=1))
+    print0(f"run folder: {run_dir}")
+    return run_dir
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def resolve_run_dir(run_dir: str, resume: str, name: str) -> str:
+    """--run-dir if given; else the run folder of the checkpoint to resume; else runs/{name}-{date}."""
+    if run_dir:
+        return run_dir
+    if resume:
+        ckpt = latest_checkpoint(resume)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume {resume}: no checkpoint there (expected a checkpoint folder with "
+                                    "state.pt, or a run folder with checkpoints/).")
+        return os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
+    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+# -----------------------------------------------------------------------------
+# Metrics: one JSON object per line, one line per epoch / step
+
+class Metrics:
+    """Appends records to run_dir/metrics.jsonl. On resume, records at or after `start` (by `key`)
+    are dropped first: they came from work after the checkpoint, which will be redone."""
+
+    def __init__(self, run_dir: str, start: int = 0, key: str = "epoch"):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.records = [r for r in read_metrics(self.path) if r[key] < start] if os.path.exists(self.path) else []
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.records)
+        os.replace(self.path + ".tmp", self.path)
+
+    def log(self, record: dict):
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_rewards(records: list[dict], path: str, title: str = ""):
+    """reward mean (with a +-std band) against cumulative reward queries -> PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    x = [r["reward_queries"] for r in records]
+    mean = [r["reward_mean"] for r in records]
+    std = [r["reward_std"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(x, mean, marker="o", ms=3, label="reward (mean over the epoch's samples)")
+    ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2, label="± std")
+    explored = [r["reward_queries"] for r in records if r.get("exploring")]
+    if explored:
+        ax.axvspan(min(x), max(explored), color="orange", alpha=0.08, label="DiffExp exploration on")
+    ax.set_xlabel("reward queries (generated training samples)")
+    ax.set_ylabel("reward")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png")
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
+    """images (N, 3, H, W) in [0, 1] -> one PNG grid, upscaled so small images stay visible."""
+    import torch.nn.functional as F
+    from torchvision.utils import save_image
+    images = images.detach().float().cpu()
+    if images.shape[-1] < 128:  # tiny models make 32 px images: nearest upscaling keeps pixels honest
+        images = F.interpolate(images, scale_factor=128 // images.shape[-1], mode="nearest")
+    save_image(images, path, nrow=nrow, padding=2, pad_value=1.0)
+
+
+def summarize(rewards: torch.Tensor, prefix: str = "reward") -> dict:
+    r = rewards.float()
+    return {f"{prefix}_mean": r.mean().item(), f"{prefix}_std": r.std(unbiased=False).item(),
+            f"{prefix}_min": r.min().item(), f"{prefix}_max": r.max().item()}
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: run_dir/checkpoints/NNNNNN/{pytorch_lora_weights.safetensors, state.pt, meta.json},
+# written into a temporary folder and renamed, so a checkpoint folder is either complete or absent.
+
+def save_checkpoint(run_dir: str, step: int, unet, state: dict, meta: dict) -> str:
+    final = os.path.join(run_dir, "checkpoints", f"{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    lora.save(unet, tmp)
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(to_jsonable(meta), f, indent=2)
+    if os.path.exists(final):  # re-saving the same step (e.g. after an interrupt): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(path: str) -> str | None:
+    """A checkpoint folder itself, or the newest complete one under run_dir/checkpoints."""
+    if os.path.isfile(os.path.join(path, "state.pt")):
+        return path
+    found = sorted(p for p in glob.glob(os.path.join(path, "checkpoints", "[0-9]*")) if not p.endswith(".tmp"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str, unet) -> dict:
+    """Loads the LoRA weights into `unet` (already injected) and returns the training state."""
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume {path}: no checkpoint there (expected a checkpoint folder with "
+                                "state.pt, or a run folder with checkpoints/).")
+    lora.load(unet, ckpt)
+    try:
+        state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"--resume: checkpoint file {os.path.join(ckpt, 'state.pt')} is unreadable "
+                           f"(truncated or corrupt?): {e}. Delete that folder to resume from the one before.") from e
+    state["path"] = ckpt
+    return state
+
+
+def prune_checkpoints(run_dir: str, keep: int):
+    found = sorted(p for p in glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]*")) if not p.endswith(".tmp"))
+    for p in found[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# Randomness: every random draw of a run comes from named generators whose state is checkpointed.
+
+def make_generators(seed: int, names: tuple[str, ...]) -> dict[str, torch.Generator]:
+    """Independent CPU generators per purpose (noise, prompts, exploration, ...), so that switching one
+    strategy off does not shift the random numbers of the others (DiffExp on and off share noise)."""
+    return {name: torch.Generator().manual_seed(seed * 1000 + i) for i, name in enumerate(names)}
+
+
+def rng_state(generators: dict) -> dict:
+    return {"generators": {k: g.get_state() for k, g in generators.items()}, "torch": torch.get_rng_state()}
+
+
+def set_rng_state(generators: dict, state: dict):
+    for k, g in generators.items():
+        g.set_state(state["generators"][k])
+    torch.set_rng_state(state["torch"])
+
+
+def every(n: int, i: int, last: bool = False) -> bool:
+    """True every n-th (1-based) iteration i, and on the last one; n <= 0 means never (but the last)."""
+    return last or (n > 0 and i % n == 0)
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3g}" if x == 0 or 1e-3 <= abs(x) < 1e4 else f"{x:.1e}"
+
+
+def isfinite(x) -> bool:
+    return math.isfinite(float(x))

@@ -1,0 +1,74 @@
+"""Shared fixtures: the tiny offline models are built once per test session.
+
+Tests must not modify the shared models in place: to inject LoRA, use `lora_models`, which works on a
+copy of the UNet.
+"""
+
+import copy
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+import diffusion  # noqa: E402
+import lora  # noqa: E402
+
+# The tiny models are too small to gain from several threads, and one thread avoids oversubscribing a
+# small machine that runs other work beside the tests.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """diffusion.load_models('tiny'): random tiny UNet / VAE / 2-layer CLIP text encoder, real tokenizer."""
+    return diffusion.load_models("tiny")
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    return [diffusion.Prompt("a dolphin riding a bike", ("dolphin", "riding a bike")),
+            diffusion.Prompt("a cat", ("cat",)),
+            diffusion.Prompt("an owl playing chess", ("owl", "playing chess"))]
+
+
+@pytest.fixture(scope="session")
+def cond(tiny, prompts):
+    """Prompt embeddings (3, 77, D) of `prompts`."""
+    return diffusion.encode_prompts(tiny, prompts)[0]
+
+
+@pytest.fixture(scope="session")
+def uncond(tiny):
+    """The empty prompt's embedding (1, 77, D)."""
+    return diffusion.encode_text(tiny, [""])
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tiny, tmp_path_factory):
+    """The tiny models saved as a diffusers StableDiffusionPipeline folder."""
+    from diffusers import StableDiffusionPipeline
+    folder = tmp_path_factory.mktemp("tiny_pipeline")
+    pipe = StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
+                                   unet=tiny.unet, scheduler=tiny.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def lora_models(tiny):
+    """Factory: a copy of the tiny models whose UNet has LoRA injected, with B made non-zero (seeded).
+    Returns (models, params)."""
+    def make(rank=4, alpha=None, seed=0, nonzero=True):
+        unet = copy.deepcopy(tiny.unet)
+        params = lora.inject(unet, rank=rank, alpha=alpha, seed=seed)
+        if nonzero:
+            g = torch.Generator().manual_seed(seed + 1)
+            with torch.no_grad():
+                for layer in lora.lora_layers(unet).values():
+                    layer.lora_B.weight.copy_(0.1 * torch.randn(layer.lora_B.weight.shape, generator=g))
+        return dataclasses.replace(tiny, unet=unet), params
+    return make

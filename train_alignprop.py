@@ -1,0 +1,216 @@
+"""
+AlignProp with DiffExp: reward fine-tuning of a text-to-image diffusion model by backpropagating a
+differentiable reward through the last K denoising steps (Prabhudesai et al. 2023, "Aligning
+Text-to-Image Diffusion Models with Reward Backpropagation"), with DiffExp's exploration
+(Chae et al., AAAI 2025) on the sampling side.
+
+    python train_alignprop.py tiny                        # offline tiny model, a model-free reward, CPU
+    python train_alignprop.py tiny --no-diffexp           # the baseline
+    python train_alignprop.py sd15-aesthetic              # SD v1.5, 45 animals, LAION aesthetic, one GPU
+    python train_alignprop.py sd15-pickscore --truncation uniform --k-min 1 --k-max 10
+    python train_alignprop.py tiny --resume runs/alignprop-tiny-20260101-120000
+
+One "epoch" here is one optimizer step: total_batch samples (micro-batches of --train.batch-size,
+gradients accumulated), each scored once, so reward queries grow by total_batch per epoch.
+Truncation: gradients flow through the last K of the T sampling steps and the VAE decode only; the
+earlier steps run without gradient. K is fixed (--truncation fixed --k K) or drawn uniformly from
+[--k-min, --k-max] once per micro-batch of trajectories (--truncation uniform). Each UNet call with
+gradient, and the decode, run under gradient checkpointing (--no-checkpointing turns it off).
+"""
+
+import dataclasses
+import os
+import resource
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+import common
+import diffusion
+import explore
+import lora
+import rewards
+from common import LogConfig, LoRAConfig, print0
+from explore import ExploreConfig
+from rewards import RewardConfig
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    num_steps: int = 50  # DDIM steps T per trajectory
+    eta: float = 0.0  # DDIM stochasticity (AlignProp samples deterministically from x_T)
+    guidance_scale: float = 7.5  # w_high: classifier-free guidance scale (the only one when not exploring)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 2  # trajectories per micro-batch (one backward each)
+    total_batch: int = 128  # trajectories per optimizer step (= batch_size x gradient accumulation)
+    lr: float = 1e-3  # AdamW learning rate of the LoRA weights
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.1
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 5.0  # gradient clipping
+    loss: Literal["reward", "target"] = "reward"  # reward: loss = -reward; target: loss = |reward - target|
+    target: float = 10.0  # reward target of the "target" loss
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "alignprop"  # run name: the run folder is runs/{name}-{date} unless --run-dir is given
+    model: str = "sd15"  # tiny | sd15 | sd15-random | a local diffusers folder | a hub id
+    prompts: str = "animals"  # animals | animal-activities | unseen-animals | drawbench[:Category,...] | file.txt
+    num_epochs: int = 100  # planned optimizer steps (exploration runs for the first explore_until of them)
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    dtype: Literal["float32", "bfloat16"] = "float32"  # frozen weights' dtype; LoRA weights stay float32
+    run_dir: str = ""  # default: runs/{name}-{date}
+    resume: str = ""  # a run folder (its newest checkpoint) or a checkpoint folder
+    truncation: Literal["fixed", "uniform"] = "fixed"  # K fixed, or drawn from U{k_min..k_max} per micro-batch
+    k: int = 1  # fixed truncation: gradients through the last k steps (k = num_steps: through all)
+    k_min: int = 1  # uniform truncation: smallest K
+    k_max: int = 10  # uniform truncation: largest K
+    checkpointing: bool = True  # gradient checkpointing of each UNet call with gradient and of the decode
+    sample: SampleConfig = SampleConfig()
+    train: TrainConfig = TrainConfig()
+    explore: ExploreConfig = ExploreConfig()
+    reward: RewardConfig = RewardConfig(name="aesthetic")
+    lora: LoRAConfig = LoRAConfig()
+    log: LogConfig = LogConfig()
+
+
+BASE = Config()
+PRESETS = {
+    "tiny": ("Offline tiny random model, a differentiable model-free reward, a few steps on a CPU.", dataclasses.replace(
+        BASE, name="alignprop-tiny", model="tiny", num_epochs=12, k=2,
+        sample=SampleConfig(num_steps=10), train=TrainConfig(batch_size=4, total_batch=8, lr=1e-2),
+        reward=RewardConfig(name="brightness"), log=LogConfig(grid_every=4, save_every=4))),
+    "sd15-aesthetic": ("SD v1.5, 45 animals, LAION aesthetic; AlignProp's reference hyperparameters.", dataclasses.replace(
+        BASE, name="alignprop-sd15-aesthetic")),
+    "sd15-pickscore": ("SD v1.5, 135 animal-activity prompts, PickScore.", dataclasses.replace(
+        BASE, name="alignprop-sd15-pickscore", prompts="animal-activities", reward=RewardConfig(name="pickscore"))),
+}
+
+
+def draw_k(cfg: Config, generator: torch.Generator) -> int:
+    """The number of final steps that get gradients for one micro-batch of trajectories."""
+    if cfg.truncation == "fixed":
+        return cfg.k
+    return int(torch.randint(cfg.k_min, cfg.k_max + 1, (1,), generator=generator))
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak GPU memory allocated on CUDA; elsewhere the process's peak resident memory (Linux: KiB)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(cfg: Config):
+    # ---- checks and set-up
+    explore.validate(cfg.explore, cfg.sample.guidance_scale)
+    T = cfg.sample.num_steps
+    if cfg.reward.name not in rewards.DIFFERENTIABLE:
+        raise ValueError(f"--reward.name {cfg.reward.name}: AlignProp needs a differentiable reward "
+                         f"({', '.join(sorted(rewards.DIFFERENTIABLE))}); use train_ddpo.py for this one.")
+    ks = (cfg.k, cfg.k) if cfg.truncation == "fixed" else (cfg.k_min, cfg.k_max)
+    if not 1 <= ks[0] <= ks[1] <= T:
+        raise ValueError(f"truncation: need 1 <= K <= --sample.num-steps {T}; got --k {cfg.k} "
+                         f"(or --k-min {cfg.k_min} / --k-max {cfg.k_max}).")
+    grad_accum, rem = divmod(cfg.train.total_batch, cfg.train.batch_size)
+    if rem or grad_accum < 1:
+        raise ValueError(f"--train.total-batch {cfg.train.total_batch} must be a multiple of --train.batch-size {cfg.train.batch_size}.")
+    device, dtype = common.resolve_device(cfg.device), getattr(torch, cfg.dtype)
+    run_dir = common.start_run(cfg)
+
+    models = diffusion.load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
+    params = lora.inject(models.unet, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, seed=cfg.seed)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.adam_betas,
+                                  weight_decay=cfg.train.weight_decay, eps=cfg.train.adam_eps)
+    reward_fn = rewards.make_reward(cfg.reward.name, device=device, dtype=dtype, tiny=cfg.reward.tiny, weights=cfg.reward.weights)
+    prompt_set = diffusion.load_prompts(cfg.prompts)
+    encode = diffusion.PromptEncoder(models)
+    uncond = diffusion.encode_text(models, [""])  # (1, 77, D); never weighted
+    gens = common.make_generators(cfg.seed, ("noise", "prompts", "explore", "truncation"))
+    start_epoch, reward_queries = 0, 0
+    if cfg.resume:
+        state = common.load_checkpoint(cfg.resume, models.unet)
+        optimizer.load_state_dict(state["optimizer"])
+        common.set_rng_state(gens, state["rng"])
+        start_epoch, reward_queries = state["epoch"], state["reward_queries"]
+        print0(f"resumed from {state['path']} at epoch {start_epoch}")
+    metrics = common.Metrics(run_dir, start=start_epoch)
+    print0(f"batch arithmetic: {cfg.train.total_batch} samples per optimizer step = {grad_accum} micro-batches x "
+           f"{cfg.train.batch_size}; gradients through the last {ks[0]}..{ks[1]} of {T} steps")
+    assert grad_accum * cfg.train.batch_size == cfg.train.total_batch
+
+    for epoch in range(start_epoch, cfg.num_epochs):
+        progress = epoch / cfg.num_epochs
+        exploring = any(explore.active(cfg.explore, progress))
+        models.unet.train()
+        t0 = time.perf_counter()
+        epoch_rewards, losses, grad_from = [], [], []
+        for _ in tqdm(range(grad_accum), desc=f"epoch {epoch}", leave=False, disable=int(os.environ.get("RANK", 0)) != 0):
+            idx = torch.randint(len(prompt_set), (cfg.train.batch_size,), generator=gens["prompts"])
+            batch_prompts = [prompt_set[i] for i in idx]
+            cond, positions = encode(batch_prompts)
+            ts = diffusion.timesteps(models, T)
+            cond, guidance, _ = explore.explore_batch(cfg.explore, cond, positions, ts, cfg.sample.guidance_scale, progress, gens["explore"])
+            k = draw_k(cfg, gens["truncation"])
+            traj = diffusion.sample(models, cond, uncond, guidance, T, cfg.sample.eta, gens["noise"],
+                                    grad_last_k=k, checkpointing=cfg.checkpointing)
+            reward = reward_fn(traj.images, [p.text for p in batch_prompts])  # (b,), differentiable
+            loss = -reward.mean() if cfg.train.loss == "reward" else (reward - cfg.train.target).abs().mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch}: non-finite loss (reward {reward.tolist()}).")
+            (loss / grad_accum).backward()
+            epoch_rewards.append(reward.detach().float().cpu())
+            losses.append(loss.item())
+            grad_from.append(traj.grad_from)
+            last_images = traj.images.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"epoch {epoch}: non-finite gradient norm.")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+
+        # ---- logging, pictures, checkpoint
+        reward = torch.cat(epoch_rewards)
+        reward_queries += len(reward)
+        record = {"epoch": epoch, "reward_queries": reward_queries, **common.summarize(reward),
+                  "loss": sum(losses) / len(losses), "grad_norm": grad_norm.item(),
+                  "grad_from_step": sum(grad_from) / len(grad_from), "exploring": exploring,
+                  "s_step": seconds, "samples_per_s": len(reward) / seconds, "peak_mem_mb": peak_memory_mb(device)}
+        metrics.log(record)
+        print0(f"epoch {epoch} | reward {record['reward_mean']:.4g}±{record['reward_std']:.3g} | loss {common.fmt(record['loss'])} | "
+               f"grad norm {common.fmt(record['grad_norm'])} | grads from step {record['grad_from_step']:.3g}/{T} | "
+               f"{'explore' if exploring else 'plain'} | {seconds:.1f} s")
+        last = epoch == cfg.num_epochs - 1
+        common.plot_rewards(metrics.records, os.path.join(run_dir, "rewards.png"), title=f"{cfg.name}: {cfg.reward.name}")
+        if common.every(cfg.log.grid_every, epoch + 1, last):
+            common.save_grid(last_images[: cfg.log.grid_size], os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png"))
+        if common.every(cfg.log.save_every, epoch + 1, last):
+            state = {"epoch": epoch + 1, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
+                     "rng": common.rng_state(gens)}
+            common.save_checkpoint(run_dir, epoch + 1, models.unet, state, {"config": cfg, "epoch": epoch + 1, **record})
+            common.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
+    return run_dir
+
+
+def cli(args=None) -> Config:
+    return tyro.extras.overridable_config_cli(PRESETS, args=args, description=__doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    main(cli())
