@@ -55,11 +55,11 @@ SD15_TEXT = dict(  # CLIP ViT-L/14's text tower
 # Tiny: the same architectures, small enough for a 2-core CPU. Latents 4x16x16, images 32x32.
 TINY_UNET = dict(
     sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
 )
 TINY_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=32, norm_num_groups=32,
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=32, norm_num_groups=8,
     block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
 )
 TINY_TEXT = dict(
