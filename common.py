@@ -6,6 +6,7 @@ either method lives here; that stays in the trainers, diffusion.py and explore.p
 
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -34,6 +35,74 @@ class LogConfig:
     save_every: int = 10  # epochs between checkpoints (and the last epoch)
     keep_checkpoints: int = 3  # newest checkpoints kept on disk
     grid_size: int = 16  # samples shown per grid
+
+
+# -----------------------------------------------------------------------------
+# Several processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them, one process.
+
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """-> (rank, world_size, device). NCCL on GPUs, gloo on CPUs (so a 2-process test runs anywhere)."""
+    if "RANK" not in os.environ:
+        return 0, 1, resolve_device(device)
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device if cuda else "cpu"
+
+
+def all_gather(obj, world_size: int) -> list:
+    """Python objects of every rank, in rank order (a one-element list when not distributed)."""
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def average_gradients(params, world_size: int):
+    """Averages the LoRA gradients over ranks in one all-reduce (they are small)."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
+
+
+def assert_in_sync(params, world_size: int, where: str):
+    """Every process must hold the same LoRA weights after an optimizer step (a gradient-sync bug shows
+    up here at once instead of as a silently worse model). Compares exact checksums."""
+    if world_size == 1:
+        return
+    checksum = sum(p.detach().double().sum().item() + p.detach().double().abs().sum().item() for p in params)
+    sums = all_gather(checksum, world_size)
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"{where}: the LoRA weights differ between processes (checksums {sums}).")
+
+
+def barrier(world_size: int):
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # epochs between held-out evaluations with plain prompts and w_high (0: never)
+    prompts: str = "unseen-animals"  # the held-out prompt set
+    samples_per_prompt: int = 4
+    batch_size: int = 8
+    diversity: bool = True  # log the CLIP diversity of each epoch's training samples (needs CLIP ViT-L/14)
+    clip_tiny: bool = False  # a small random CLIP for the diversity metric (offline smoke runs)
+    clip_weights: str | None = None  # local CLIP ViT-L/14 weights for the diversity metric
 
 
 def print0(*args, **kwargs):
@@ -95,6 +164,7 @@ class Metrics:
         os.replace(self.path + ".tmp", self.path)
 
     def log(self, record: dict):
+        record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}  # strict JSON
         self.records.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -196,22 +266,13 @@ def prune_checkpoints(run_dir: str, keep: int):
 
 
 # -----------------------------------------------------------------------------
-# Randomness: every random draw of a run comes from named generators whose state is checkpointed.
+# Randomness: every draw comes from a generator seeded by WHERE it happens (seed, epoch, batch, purpose),
+# never from a stream that depends on what ran before. So a resumed run, a run split over several
+# processes, and a run with one DiffExp strategy switched off all see the same noise for the same sample.
 
-def make_generators(seed: int, names: tuple[str, ...]) -> dict[str, torch.Generator]:
-    """Independent CPU generators per purpose (noise, prompts, exploration, ...), so that switching one
-    strategy off does not shift the random numbers of the others (DiffExp on and off share noise)."""
-    return {name: torch.Generator().manual_seed(seed * 1000 + i) for i, name in enumerate(names)}
-
-
-def rng_state(generators: dict) -> dict:
-    return {"generators": {k: g.get_state() for k, g in generators.items()}, "torch": torch.get_rng_state()}
-
-
-def set_rng_state(generators: dict, state: dict):
-    for k, g in generators.items():
-        g.set_state(state["generators"][k])
-    torch.set_rng_state(state["torch"])
+def generator(*keys) -> torch.Generator:
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def every(n: int, i: int, last: bool = False) -> bool:

@@ -8,6 +8,7 @@ Text-to-Image Diffusion Models with Reward Backpropagation"), with DiffExp's exp
     python train_alignprop.py tiny --no-diffexp           # the baseline
     python train_alignprop.py sd15-aesthetic              # SD v1.5, 45 animals, LAION aesthetic, one GPU
     python train_alignprop.py sd15-pickscore --truncation uniform --k-min 1 --k-max 10
+    torchrun --nproc_per_node=8 train_alignprop.py sd15-aesthetic   # 8 GPUs, the same effective batch
     python train_alignprop.py tiny --resume runs/alignprop-tiny-20260101-120000
 
 One "epoch" here is one optimizer step: total_batch samples (micro-batches of --train.batch-size,
@@ -31,10 +32,11 @@ from tqdm import tqdm
 
 import common
 import diffusion
+import evaluate
 import explore
 import lora
 import rewards
-from common import LogConfig, LoRAConfig, print0
+from common import EvalConfig, LogConfig, LoRAConfig, print0
 from explore import ExploreConfig
 from rewards import RewardConfig
 
@@ -84,6 +86,7 @@ class Config:
     reward: RewardConfig = RewardConfig(name="aesthetic")
     lora: LoRAConfig = LoRAConfig()
     log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 BASE = Config()
@@ -91,7 +94,7 @@ PRESETS = {
     "tiny": ("Offline tiny random model, a differentiable model-free reward, a few steps on a CPU.", dataclasses.replace(
         BASE, name="alignprop-tiny", model="tiny", num_epochs=12, k=2,
         sample=SampleConfig(num_steps=10), train=TrainConfig(batch_size=4, total_batch=8, lr=1e-2),
-        reward=RewardConfig(name="brightness"), log=LogConfig(grid_every=4, save_every=4))),
+        reward=RewardConfig(name="brightness"), log=LogConfig(grid_every=4, save_every=4), eval=EvalConfig(clip_tiny=True))),
     "sd15-aesthetic": ("SD v1.5, 45 animals, LAION aesthetic; AlignProp's reference hyperparameters.", dataclasses.replace(
         BASE, name="alignprop-sd15-aesthetic")),
     "sd15-pickscore": ("SD v1.5, 135 animal-activity prompts, PickScore.", dataclasses.replace(
@@ -127,11 +130,13 @@ def main(cfg: Config):
     if not 1 <= ks[0] <= ks[1] <= T:
         raise ValueError(f"truncation: need 1 <= K <= --sample.num-steps {T}; got --k {cfg.k} "
                          f"(or --k-min {cfg.k_min} / --k-max {cfg.k_max}).")
-    grad_accum, rem = divmod(cfg.train.total_batch, cfg.train.batch_size)
-    if rem or grad_accum < 1:
-        raise ValueError(f"--train.total-batch {cfg.train.total_batch} must be a multiple of --train.batch-size {cfg.train.batch_size}.")
-    device, dtype = common.resolve_device(cfg.device), getattr(torch, cfg.dtype)
-    run_dir = common.start_run(cfg)
+    rank, world, device = common.init_distributed(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    grad_accum, rem = divmod(cfg.train.total_batch, cfg.train.batch_size)  # micro-batches per step, over all processes
+    if rem or grad_accum < 1 or grad_accum % world:
+        raise ValueError(f"--train.total-batch {cfg.train.total_batch} must be a multiple of --train.batch-size "
+                         f"{cfg.train.batch_size} x the number of processes ({world}).")
+    run_dir = common.start_run(cfg) if rank == 0 else common.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name)
 
     models = diffusion.load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
     params = lora.inject(models.unet, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, seed=cfg.seed)
@@ -141,70 +146,89 @@ def main(cfg: Config):
     prompt_set = diffusion.load_prompts(cfg.prompts)
     encode = diffusion.PromptEncoder(models)
     uncond = diffusion.encode_text(models, [""])  # (1, 77, D); never weighted
-    gens = common.make_generators(cfg.seed, ("noise", "prompts", "explore", "truncation"))
+    embedder = rewards.clip_image_embedder(device, dtype, cfg.eval.clip_tiny, cfg.eval.clip_weights) if cfg.eval.diversity else None
+    heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 else None
     start_epoch, reward_queries = 0, 0
     if cfg.resume:
         state = common.load_checkpoint(cfg.resume, models.unet)
         optimizer.load_state_dict(state["optimizer"])
-        common.set_rng_state(gens, state["rng"])
         start_epoch, reward_queries = state["epoch"], state["reward_queries"]
         print0(f"resumed from {state['path']} at epoch {start_epoch}")
-    metrics = common.Metrics(run_dir, start=start_epoch)
+    metrics = common.Metrics(run_dir, start=start_epoch) if rank == 0 else None
     print0(f"batch arithmetic: {cfg.train.total_batch} samples per optimizer step = {grad_accum} micro-batches x "
-           f"{cfg.train.batch_size}; gradients through the last {ks[0]}..{ks[1]} of {T} steps")
+           f"{cfg.train.batch_size} over {world} process(es); gradients through the last {ks[0]}..{ks[1]} of {T} steps")
     assert grad_accum * cfg.train.batch_size == cfg.train.total_batch
+    my_micro = list(range(rank, grad_accum, world))  # global micro-batch indices of this process
 
     for epoch in range(start_epoch, cfg.num_epochs):
         progress = epoch / cfg.num_epochs
         exploring = any(explore.active(cfg.explore, progress))
         models.unet.train()
         t0 = time.perf_counter()
-        epoch_rewards, losses, grad_from = [], [], []
-        for _ in tqdm(range(grad_accum), desc=f"epoch {epoch}", leave=False, disable=int(os.environ.get("RANK", 0)) != 0):
-            idx = torch.randint(len(prompt_set), (cfg.train.batch_size,), generator=gens["prompts"])
+        epoch_rewards, losses, grad_from, texts, embeddings = [], [], [], [], []
+        for m in tqdm(my_micro, desc=f"epoch {epoch}", leave=False, disable=rank != 0):
+            # micro-batch m draws from generators keyed by (seed, epoch, m): the same on any number of processes
+            idx = torch.randint(len(prompt_set), (cfg.train.batch_size,), generator=common.generator(cfg.seed, epoch, m, "prompts"))
             batch_prompts = [prompt_set[i] for i in idx]
             cond, positions = encode(batch_prompts)
             ts = diffusion.timesteps(models, T)
-            cond, guidance, _ = explore.explore_batch(cfg.explore, cond, positions, ts, cfg.sample.guidance_scale, progress, gens["explore"])
-            k = draw_k(cfg, gens["truncation"])
-            traj = diffusion.sample(models, cond, uncond, guidance, T, cfg.sample.eta, gens["noise"],
+            cond, guidance, _ = explore.explore_batch(cfg.explore, cond, positions, ts, cfg.sample.guidance_scale, progress,
+                                                      common.generator(cfg.seed, epoch, m, "explore"))
+            k = draw_k(cfg, common.generator(cfg.seed, epoch, m, "truncation"))
+            traj = diffusion.sample(models, cond, uncond, guidance, T, cfg.sample.eta, common.generator(cfg.seed, epoch, m, "noise"),
                                     grad_last_k=k, checkpointing=cfg.checkpointing)
             reward = reward_fn(traj.images, [p.text for p in batch_prompts])  # (b,), differentiable
             loss = -reward.mean() if cfg.train.loss == "reward" else (reward - cfg.train.target).abs().mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"epoch {epoch}: non-finite loss (reward {reward.tolist()}).")
-            (loss / grad_accum).backward()
+            (loss / len(my_micro)).backward()
             epoch_rewards.append(reward.detach().float().cpu())
             losses.append(loss.item())
             grad_from.append(traj.grad_from)
             last_images = traj.images.detach()
+            texts += [p.text for p in batch_prompts]
+            if embedder:
+                embeddings.append(evaluate.embed_images(last_images, embedder).cpu())
+        common.average_gradients(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"epoch {epoch}: non-finite gradient norm.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
+        common.assert_in_sync(params, world, f"epoch {epoch}")
 
-        # ---- logging, pictures, checkpoint
-        reward = torch.cat(epoch_rewards)
+        # ---- logging, pictures, checkpoint (process 0)
+        local = (torch.cat(epoch_rewards), losses, grad_from, peak_memory_mb(device), texts,
+                 torch.cat(embeddings) if embedder else None)
+        gathered = common.all_gather(local, world)
+        reward = torch.cat([g[0] for g in gathered])
+        losses, grad_from = [x for g in gathered for x in g[1]], [x for g in gathered for x in g[2]]
         reward_queries += len(reward)
+        if rank != 0:
+            continue
+        last = epoch == cfg.num_epochs - 1
         record = {"epoch": epoch, "reward_queries": reward_queries, **common.summarize(reward),
                   "loss": sum(losses) / len(losses), "grad_norm": grad_norm.item(),
                   "grad_from_step": sum(grad_from) / len(grad_from), "exploring": exploring,
-                  "s_step": seconds, "samples_per_s": len(reward) / seconds, "peak_mem_mb": peak_memory_mb(device)}
+                  "s_step": seconds, "samples_per_s": len(reward) / seconds, "peak_mem_mb": max(g[3] for g in gathered)}
+        if embedder:
+            record["diversity"] = evaluate.mean_diversity(torch.cat([g[5] for g in gathered]), [t for g in gathered for t in g[4]])
+        if heldout and common.every(cfg.eval.every, epoch + 1, last):
+            record.update(evaluate.heldout_score(models, heldout, reward_fn, cfg.eval.samples_per_prompt, T, cfg.sample.eta,
+                                                 cfg.sample.guidance_scale, cfg.seed, cfg.eval.batch_size, embedder))
         metrics.log(record)
         print0(f"epoch {epoch} | reward {record['reward_mean']:.4g}±{record['reward_std']:.3g} | loss {common.fmt(record['loss'])} | "
                f"grad norm {common.fmt(record['grad_norm'])} | grads from step {record['grad_from_step']:.3g}/{T} | "
                f"{'explore' if exploring else 'plain'} | {seconds:.1f} s")
-        last = epoch == cfg.num_epochs - 1
         common.plot_rewards(metrics.records, os.path.join(run_dir, "rewards.png"), title=f"{cfg.name}: {cfg.reward.name}")
         if common.every(cfg.log.grid_every, epoch + 1, last):
             common.save_grid(last_images[: cfg.log.grid_size], os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png"))
         if common.every(cfg.log.save_every, epoch + 1, last):
-            state = {"epoch": epoch + 1, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
-                     "rng": common.rng_state(gens)}
+            state = {"epoch": epoch + 1, "reward_queries": reward_queries, "optimizer": optimizer.state_dict()}
             common.save_checkpoint(run_dir, epoch + 1, models.unet, state, {"config": cfg, "epoch": epoch + 1, **record})
             common.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
+    common.barrier(world)
     return run_dir
 
 

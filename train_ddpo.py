@@ -3,10 +3,11 @@ DDPO with DiffExp: reward fine-tuning of a text-to-image diffusion model by poli
 clipping over DDIM-with-eta sampling trajectories (Black et al. 2023, "Training Diffusion Models with
 Reinforcement Learning"), with DiffExp's exploration (Chae et al., AAAI 2025) on the sampling side.
 
-    python train_ddpo.py tiny                          # offline tiny model, JPEG compressibility, ~1 min on CPU
+    python train_ddpo.py tiny                          # offline tiny model, a few minutes on a CPU
     python train_ddpo.py tiny --no-diffexp             # the same without exploration (the baseline)
     python train_ddpo.py sd15-aesthetic                # SD v1.5, 45 animals, LAION aesthetic, one GPU
     python train_ddpo.py sd15-pickscore --explore.t-thres 700
+    torchrun --nproc_per_node=8 train_ddpo.py sd15-aesthetic   # 8 GPUs, the same effective batch
     python train_ddpo.py tiny --resume runs/ddpo-tiny-20260101-120000   # continue a run
     python train_ddpo.py --help                        # presets; `python train_ddpo.py tiny --help`: all flags
 
@@ -18,7 +19,6 @@ the policy that sampled (the ratio is 1 before the first update of each epoch; i
 """
 
 import dataclasses
-import json
 import os
 import time
 from collections import deque
@@ -31,10 +31,11 @@ from tqdm import tqdm
 
 import common
 import diffusion
+import evaluate
 import explore
 import lora
 import rewards
-from common import LogConfig, LoRAConfig, print0
+from common import EvalConfig, LogConfig, LoRAConfig, print0
 from explore import ExploreConfig
 from rewards import RewardConfig
 
@@ -87,17 +88,17 @@ class Config:
     reward: RewardConfig = RewardConfig(name="aesthetic")
     lora: LoRAConfig = LoRAConfig()
     log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 BASE = Config()
 PRESETS = {
-    "tiny": ("Offline tiny random model, JPEG compressibility, a few epochs on a CPU.", dataclasses.replace(
-        BASE, name="ddpo-tiny", model="tiny", num_epochs=12,
-        sample=SampleConfig(num_steps=10, batch_size=8, num_batches=2),
-        train=TrainConfig(batch_size=4, updates_per_epoch=2, timesteps_per_forward=10, lr=3e-3, clip_range=1e-2, min_count=4),
-        explore=ExploreConfig(t_thres=700),
-        reward=RewardConfig(name="jpeg-compressibility"),
-        log=LogConfig(grid_every=4, save_every=4))),
+    "tiny": ("Offline tiny random model, brightness reward, a few epochs on a CPU (see README: why not JPEG).", dataclasses.replace(
+        BASE, name="ddpo-tiny", model="tiny", num_epochs=10,
+        sample=SampleConfig(num_steps=10, batch_size=8, num_batches=4),
+        train=TrainConfig(batch_size=8, updates_per_epoch=4, timesteps_per_forward=10, lr=1e-2, clip_range=0.1, min_count=4),
+        explore=ExploreConfig(t_thres=700), reward=RewardConfig(name="brightness"), lora=LoRAConfig(alpha=16.0),
+        log=LogConfig(grid_every=5, save_every=5), eval=EvalConfig(clip_tiny=True))),
     "sd15-aesthetic": ("SD v1.5, 45 animals, LAION aesthetic; the DDPO reference hyperparameters.", dataclasses.replace(
         BASE, name="ddpo-sd15-aesthetic")),
     "sd15-pickscore": ("SD v1.5, 135 animal-activity prompts, PickScore.", dataclasses.replace(
@@ -165,16 +166,22 @@ def main(cfg: Config):
         raise ValueError(f"--sample.eta {cfg.sample.eta}: DDPO needs eta > 0 (a deterministic DDIM step has no log-prob).")
     if not 0 < cfg.train.timestep_fraction <= 1:
         raise ValueError(f"--train.timestep-fraction {cfg.train.timestep_fraction}: must lie in (0, 1].")
-    samples_per_epoch = cfg.sample.batch_size * cfg.sample.num_batches
-    micro_per_epoch, rem = divmod(samples_per_epoch, cfg.train.batch_size)
-    grad_accum, rem2 = divmod(micro_per_epoch, cfg.train.updates_per_epoch) if cfg.train.updates_per_epoch > 0 else (0, 1)
-    if rem or rem2 or grad_accum < 1:
+    rank, world, device = common.init_distributed(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    # batch arithmetic: N samples per epoch, split over the processes; each optimizer step averages
+    # grad_accum micro-batches (in all) x train_steps timesteps
+    N = cfg.sample.batch_size * cfg.sample.num_batches
+    micro_per_epoch, rem = divmod(N, cfg.train.batch_size)
+    grad_accum, rem2 = divmod(micro_per_epoch, max(1, cfg.train.updates_per_epoch))
+    if rem or rem2 or grad_accum % world or cfg.sample.num_batches % world or cfg.train.updates_per_epoch < 1:
         raise ValueError(
             f"batch arithmetic: samples per epoch (--sample.batch-size {cfg.sample.batch_size} x --sample.num-batches "
-            f"{cfg.sample.num_batches} = {samples_per_epoch}) must split into --train.batch-size {cfg.train.batch_size} "
-            f"x gradient accumulation x --train.updates-per-epoch {cfg.train.updates_per_epoch}.")
-    device, dtype = common.resolve_device(cfg.device), getattr(torch, cfg.dtype)
-    run_dir = common.start_run(cfg)
+            f"{cfg.sample.num_batches} = {N}) must split into --train.batch-size {cfg.train.batch_size} x gradient "
+            f"accumulation x --train.updates-per-epoch {cfg.train.updates_per_epoch}, with the sampling batches and "
+            f"the accumulation steps divisible by the {world} process(es).")
+    T = cfg.sample.num_steps
+    train_steps = max(1, int(T * cfg.train.timestep_fraction))
+    run_dir = common.start_run(cfg) if rank == 0 else common.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name)
 
     models = diffusion.load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
     params = lora.inject(models.unet, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, seed=cfg.seed)
@@ -184,64 +191,71 @@ def main(cfg: Config):
     prompt_set = diffusion.load_prompts(cfg.prompts)
     encode = diffusion.PromptEncoder(models)
     uncond = diffusion.encode_text(models, [""])  # (1, 77, D); never weighted
-    gens = common.make_generators(cfg.seed, ("noise", "prompts", "explore", "train"))
+    embedder = rewards.clip_image_embedder(device, dtype, cfg.eval.clip_tiny, cfg.eval.clip_weights) if cfg.eval.diversity else None
+    heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 else None
     stat_tracker = PerPromptStatTracker(cfg.train.buffer_size, cfg.train.min_count)
-    T = cfg.sample.num_steps
-    train_steps = max(1, int(T * cfg.train.timestep_fraction))
     start_epoch, reward_queries = 0, 0
     if cfg.resume:
-        resume_state = common.load_checkpoint(cfg.resume, models.unet)
-        optimizer.load_state_dict(resume_state["optimizer"])
-        stat_tracker.load_state_dict(resume_state["stat_tracker"])
-        common.set_rng_state(gens, resume_state["rng"])
-        start_epoch, reward_queries = resume_state["epoch"], resume_state["reward_queries"]
-        print0(f"resumed from {resume_state['path']} at epoch {start_epoch}")
-    metrics = common.Metrics(run_dir, start=start_epoch)
-
-    print0(f"batch arithmetic: {samples_per_epoch} samples per epoch = {cfg.sample.num_batches} batches x "
-           f"{cfg.sample.batch_size}; training: micro-batches of {cfg.train.batch_size} x {train_steps} timesteps, "
-           f"{grad_accum} micro-batches per optimizer step -> {cfg.train.updates_per_epoch} optimizer steps per "
-           f"inner epoch, {cfg.train.inner_epochs} inner epoch(s)")
-    assert samples_per_epoch == cfg.train.batch_size * grad_accum * cfg.train.updates_per_epoch
+        state = common.load_checkpoint(cfg.resume, models.unet)
+        optimizer.load_state_dict(state["optimizer"])
+        stat_tracker.load_state_dict(state["stat_tracker"])
+        start_epoch, reward_queries = state["epoch"], state["reward_queries"]
+        print0(f"resumed from {state['path']} at epoch {start_epoch}")
+    metrics = common.Metrics(run_dir, start=start_epoch) if rank == 0 else None
+    print0(f"batch arithmetic: {N} samples per epoch = {cfg.sample.num_batches} batches x {cfg.sample.batch_size}"
+           f" over {world} process(es); training: micro-batches of {cfg.train.batch_size} samples x {train_steps} "
+           f"timesteps, {grad_accum} micro-batches per optimizer step -> {cfg.train.updates_per_epoch} optimizer "
+           f"steps per inner epoch, {cfg.train.inner_epochs} inner epoch(s)")
+    assert N == cfg.train.batch_size * grad_accum * cfg.train.updates_per_epoch
+    my_batches = list(range(rank, cfg.sample.num_batches, world))  # global sampling batches of this process
+    n_local = len(my_batches) * cfg.sample.batch_size
+    accum_local = grad_accum // world
 
     for epoch in range(start_epoch, cfg.num_epochs):
         progress = epoch / cfg.num_epochs
         exploring = any(explore.active(cfg.explore, progress))
 
-        # ---- sampling: trajectories with exploration, stored with their guidance and embeddings
+        # ---- sampling: trajectories with exploration, stored with their guidance scales and embeddings.
+        # Batch b draws from generators keyed by (seed, epoch, b): the same samples on any number of processes.
         models.unet.eval()
         t0 = time.perf_counter()
         batches = []
-        for _ in tqdm(range(cfg.sample.num_batches), desc=f"epoch {epoch} sampling", leave=False, disable=int(os.environ.get("RANK", 0)) != 0):
-            idx = torch.randint(len(prompt_set), (cfg.sample.batch_size,), generator=gens["prompts"])
+        for b in tqdm(my_batches, desc=f"epoch {epoch} sampling", leave=False, disable=rank != 0):
+            idx = torch.randint(len(prompt_set), (cfg.sample.batch_size,), generator=common.generator(cfg.seed, epoch, b, "prompts"))
             batch_prompts = [prompt_set[i] for i in idx]
             cond, positions = encode(batch_prompts)
             ts = diffusion.timesteps(models, T)
-            cond, guidance, _ = explore.explore_batch(cfg.explore, cond, positions, ts, cfg.sample.guidance_scale, progress, gens["explore"])
+            cond, guidance, _ = explore.explore_batch(cfg.explore, cond, positions, ts, cfg.sample.guidance_scale, progress,
+                                                      common.generator(cfg.seed, epoch, b, "explore"))
             with torch.no_grad():
-                traj = diffusion.sample(models, cond, uncond, guidance, T, cfg.sample.eta, gens["noise"])
+                traj = diffusion.sample(models, cond, uncond, guidance, T, cfg.sample.eta, common.generator(cfg.seed, epoch, b, "noise"))
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, guidance=guidance.to(device), cond=cond,
                                 images=traj.images, prompts=[p.text for p in batch_prompts]))
         t_sample = time.perf_counter() - t0
 
-        # ---- rewards and advantages
+        # ---- rewards; advantages from the rewards of ALL processes (per-prompt statistics need them)
         t0 = time.perf_counter()
         with torch.no_grad():
             for b in batches:
                 b["rewards"] = reward_fn(b["images"], b["prompts"]).float().cpu()
+                b["embeddings"] = evaluate.embed_images(b["images"], embedder).cpu() if embedder else torch.zeros(len(b["prompts"]), 0)
         t_reward = time.perf_counter() - t0
-        prompts = [p for b in batches for p in b["prompts"]]
-        reward = torch.cat([b["rewards"] for b in batches])  # (N,)
+        local_prompts = [p for b in batches for p in b["prompts"]]
+        local_reward = torch.cat([b["rewards"] for b in batches])  # (n_local,)
+        local_embeddings = torch.cat([b["embeddings"] for b in batches])  # (n_local, D) for the diversity metric
+        gathered = common.all_gather((local_prompts, local_reward, local_embeddings), world)
+        prompts = [p for g in gathered for p in g[0]]
+        reward = torch.cat([g[1] for g in gathered])  # (N,), rank-major order
+        embeddings = torch.cat([g[2] for g in gathered])
         reward_queries += len(reward)
         if not torch.isfinite(reward).all():
             raise FloatingPointError(f"epoch {epoch}: non-finite reward from --reward.name {cfg.reward.name}.")
         advantages = stat_tracker.update(prompts, reward) if cfg.train.per_prompt_stats else global_advantages(reward)
-        advantages = advantages.clamp(-cfg.train.adv_clip_max, cfg.train.adv_clip_max).to(device)
+        advantages = advantages.clamp(-cfg.train.adv_clip_max, cfg.train.adv_clip_max)
+        advantages = advantages[rank * n_local:(rank + 1) * n_local].to(device)  # this process's samples
         data = {k: torch.cat([b[k] for b in batches]) for k in ("latents", "log_probs", "guidance", "cond")}
         timesteps = diffusion.timesteps(models, T).to(device)
-        grid_images = batches[0]["images"]
-        if len(batches) > 1:
-            grid_images = torch.cat([b["images"] for b in batches])[: cfg.log.grid_size]
+        grid_images = torch.cat([b["images"] for b in batches])[: cfg.log.grid_size]
         del batches
 
         # ---- training: PPO-clip updates over shuffled samples and shuffled timesteps
@@ -250,10 +264,10 @@ def main(cfg: Config):
         stats = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
         first_ratio_err = 0.0  # max |ratio - 1| before the epoch's first optimizer step: 0 if on-policy
         for inner in range(cfg.train.inner_epochs):
-            perm = torch.randperm(samples_per_epoch, generator=gens["train"])
-            step_order = torch.stack([torch.randperm(T, generator=gens["train"]) for _ in range(samples_per_epoch)])
-            micro_batches = perm.split(cfg.train.batch_size)
-            for m, idx in enumerate(tqdm(micro_batches, desc=f"epoch {epoch} training", leave=False, disable=int(os.environ.get("RANK", 0)) != 0)):
+            g = common.generator(cfg.seed, epoch, inner, "train", rank)
+            perm = torch.randperm(n_local, generator=g)
+            step_order = torch.stack([torch.randperm(T, generator=g) for _ in range(n_local)])  # (n_local, T)
+            for m, idx in enumerate(tqdm(perm.split(cfg.train.batch_size), desc=f"epoch {epoch} training", leave=False, disable=rank != 0)):
                 for j in range(0, train_steps, cfg.train.timesteps_per_forward):
                     # (sample, step) pairs of this forward: each sample at its next shuffled steps, folded into the batch
                     i = step_order[idx, j: min(j + cfg.train.timesteps_per_forward, train_steps)]  # (b, c)
@@ -262,14 +276,15 @@ def main(cfg: Config):
                         models, data["latents"][rows, i], timesteps[i], data["latents"][rows, i + 1],
                         data["cond"][rows], uncond, data["guidance"][rows, i], cfg.sample.eta, T)
                     loss, ratio, approx_kl, clipfrac = ppo_loss(log_prob, data["log_probs"][rows, i], advantages[rows], cfg.train.clip_range)
-                    # the loss is a mean over b*c transitions; weigh it so the step averages all b*steps*accum
-                    (loss * (len(i) // len(idx)) / (grad_accum * train_steps)).backward()
-                    if inner == 0 and m < grad_accum:
+                    # a mean over b*c transitions, weighted so an optimizer step averages all of its transitions
+                    (loss * (len(i) // len(idx)) / (accum_local * train_steps)).backward()
+                    if inner == 0 and m < accum_local:
                         first_ratio_err = max(first_ratio_err, (ratio.detach() - 1).abs().max().item())
                     stats["loss"].append(loss.item())
                     stats["approx_kl"].append(approx_kl.item())
                     stats["clipfrac"].append(clipfrac.item())
-                if (m + 1) % grad_accum == 0:
+                if (m + 1) % accum_local == 0:
+                    common.average_gradients(params, world)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
                     if not torch.isfinite(grad_norm):
                         raise FloatingPointError(f"epoch {epoch}, micro-batch {m}: non-finite gradient norm.")
@@ -277,26 +292,37 @@ def main(cfg: Config):
                     optimizer.zero_grad(set_to_none=True)
                     stats["grad_norm"].append(grad_norm.item())
         t_train = time.perf_counter() - t0
+        common.assert_in_sync(params, world, f"epoch {epoch}")
 
-        # ---- logging, pictures, checkpoint
-        record = {"epoch": epoch, "reward_queries": reward_queries, **common.summarize(reward),
-                  **{k: sum(v) / len(v) for k, v in stats.items()}, "first_ratio_err": first_ratio_err,
-                  "exploring": exploring, "s_sample": t_sample, "s_reward": t_reward, "s_train": t_train,
-                  "samples_per_s": samples_per_epoch / t_sample,
-                  "transitions_per_s": samples_per_epoch * train_steps * cfg.train.inner_epochs / t_train}
-        metrics.log(record)
-        print0(f"epoch {epoch} | reward {record['reward_mean']:.4g}±{record['reward_std']:.3g} | "
-               f"kl {common.fmt(record['approx_kl'])} | clipfrac {record['clipfrac']:.3f} | loss {common.fmt(record['loss'])} | "
-               f"{'explore' if exploring else 'plain'} | {t_sample + t_reward + t_train:.1f} s")
-        last = epoch == cfg.num_epochs - 1
-        common.plot_rewards(metrics.records, os.path.join(run_dir, "rewards.png"), title=f"{cfg.name}: {cfg.reward.name}")
-        if common.every(cfg.log.grid_every, epoch + 1, last):
-            common.save_grid(grid_images, os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png"))
-        if common.every(cfg.log.save_every, epoch + 1, last):
-            state = {"epoch": epoch + 1, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
-                     "stat_tracker": stat_tracker.state_dict(), "rng": common.rng_state(gens)}
-            common.save_checkpoint(run_dir, epoch + 1, models.unet, state, {"config": cfg, "epoch": epoch + 1, **record})
-            common.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
+        # ---- logging, pictures, checkpoint (process 0)
+        stats = {k: sum(v) / len(v) for k, v in stats.items()}
+        if world > 1:  # average the training statistics over processes; the worst ratio error
+            stats = {k: sum(s[k] for s in common.all_gather(stats, world)) / world for k in stats}
+            first_ratio_err = max(common.all_gather(first_ratio_err, world))
+        if rank == 0:
+            last = epoch == cfg.num_epochs - 1
+            record = {"epoch": epoch, "reward_queries": reward_queries, **common.summarize(reward), **stats,
+                      "first_ratio_err": first_ratio_err, "exploring": exploring,
+                      "s_sample": t_sample, "s_reward": t_reward, "s_train": t_train,
+                      "samples_per_s": N / t_sample, "transitions_per_s": N * train_steps * cfg.train.inner_epochs / t_train}
+            if embedder:
+                record["diversity"] = evaluate.mean_diversity(embeddings, prompts)
+            if heldout and common.every(cfg.eval.every, epoch + 1, last):
+                record.update(evaluate.heldout_score(models, heldout, reward_fn, cfg.eval.samples_per_prompt, T, cfg.sample.eta,
+                                                     cfg.sample.guidance_scale, cfg.seed, cfg.eval.batch_size, embedder))
+            metrics.log(record)
+            print0(f"epoch {epoch} | reward {record['reward_mean']:.4g}±{record['reward_std']:.3g} | "
+                   f"kl {common.fmt(record['approx_kl'])} | clipfrac {record['clipfrac']:.3f} | loss {common.fmt(record['loss'])} | "
+                   f"{'explore' if exploring else 'plain'} | {t_sample + t_reward + t_train:.1f} s")
+            common.plot_rewards(metrics.records, os.path.join(run_dir, "rewards.png"), title=f"{cfg.name}: {cfg.reward.name}")
+            if common.every(cfg.log.grid_every, epoch + 1, last):
+                common.save_grid(grid_images, os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png"))
+            if common.every(cfg.log.save_every, epoch + 1, last):
+                state = {"epoch": epoch + 1, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
+                         "stat_tracker": stat_tracker.state_dict()}
+                common.save_checkpoint(run_dir, epoch + 1, models.unet, state, {"config": cfg, "epoch": epoch + 1, **record})
+                common.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
+        common.barrier(world)
     return run_dir
 
 

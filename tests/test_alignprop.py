@@ -72,14 +72,13 @@ def test_logged_reward_equals_reward_of_the_images(tmp_path):
     cfg = small(tmp_path, explore=ExploreConfig(diffexp=False), train=TrainConfig(batch_size=4, total_batch=4))
     (rec,) = read(train_alignprop.main(cfg))
     models = diffusion.load_models("tiny", seed=cfg.seed)
-    gens = common.make_generators(cfg.seed, ("noise", "prompts", "explore", "truncation"))
     prompt_set = diffusion.load_prompts(cfg.prompts)
-    idx = torch.randint(len(prompt_set), (4,), generator=gens["prompts"])
+    idx = torch.randint(len(prompt_set), (4,), generator=common.generator(cfg.seed, 0, 0, "prompts"))
     batch = [prompt_set[i] for i in idx]
     cond, _ = diffusion.encode_prompts(models, batch)
     with torch.no_grad():
         traj = diffusion.sample(models, cond, diffusion.encode_text(models, [""]), cfg.sample.guidance_scale,
-                                cfg.sample.num_steps, cfg.sample.eta, gens["noise"])
+                                cfg.sample.num_steps, cfg.sample.eta, common.generator(cfg.seed, 0, 0, "noise"))
     r = rewards.make_reward(cfg.reward.name)(traj.images, [p.text for p in batch])
     assert abs(r.mean().item() - rec["reward_mean"]) < 1e-5
     assert rec["grad_from_step"] == cfg.sample.num_steps - 1

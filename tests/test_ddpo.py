@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import common
 import lora
@@ -107,13 +108,21 @@ def test_ratio_is_one_before_the_first_update(tmp_path, diffexp):
     assert os.listdir(os.path.join(run_dir, "samples"))
 
 
+def test_tiny_run_raises_the_reward(tmp_path):
+    """Seeded: the mean reward of the last two epochs clearly exceeds the first epoch's."""
+    cfg = small(tmp_path, num_epochs=6)
+    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, num_steps=5, batch_size=8, num_batches=2),
+                              train=dataclasses.replace(cfg.train, batch_size=8, updates_per_epoch=2, timesteps_per_forward=5))
+    recs = read(train_ddpo.main(cfg))
+    first, last = recs[0]["reward_mean"], sum(r["reward_mean"] for r in recs[-2:]) / 2
+    assert last > first + 0.01, [r["reward_mean"] for r in recs]
+
+
 def test_checkpoint_then_resume_equals_uninterrupted(tmp_path):
     full = train_ddpo.main(small(tmp_path / "a", num_epochs=2))
     half = small(tmp_path / "b", num_epochs=2)
     train_ddpo.main(dataclasses.replace(half, num_epochs=1))  # stops after epoch 0 (checkpoint at 1)
     resumed = train_ddpo.main(dataclasses.replace(half, resume=half.run_dir))
-    a = lora.load_file if hasattr(lora, "load_file") else None
-    from safetensors.torch import load_file
     a = load_file(os.path.join(common.latest_checkpoint(full), lora.WEIGHT_NAME))
     b = load_file(os.path.join(common.latest_checkpoint(resumed), lora.WEIGHT_NAME))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,220 @@
+"""evaluate.py: score (shared seeds across checkpoints, outputs), diversity, compare (known curves, sample
+efficiency), heldout_score (deterministic, leaves RNG and UNet mode alone) and the start-up errors.
+Tiny offline model, 2 DDIM steps, 2 prompts x 2 seeds."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import evaluate
+import lora
+import rewards
+from diffusion import Prompt
+
+# the tiny model's training settings as a checkpoint's meta.json stores them; score reads them back
+TRAINED = {"model": "tiny", "seed": 0, "sample": {"num_steps": 2, "eta": 1.0, "guidance_scale": 5.0}}
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return rewards.clip_image_embedder(tiny=True)
+
+
+def make_checkpoint(lora_models, folder, seed: int, config: dict | None = TRAINED) -> str:
+    """A folder shaped like a trainer's checkpoint: LoRA weights with B non-zero, state.pt, meta.json."""
+    models, _ = lora_models(seed=seed)
+    lora.save(models.unet, folder)
+    torch.save({}, os.path.join(folder, "state.pt"))
+    if config is not None:
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump({"config": config, "epoch": 2}, f)
+    return str(folder)
+
+
+def write_prompts(tmp_path) -> str:
+    path = tmp_path / "prompts.txt"
+    path.write_text("a [cat]\na [dog] riding a bike\n")
+    return str(path)
+
+
+def numbers(result: dict) -> dict:
+    """A checkpoint's scores without its path, for equality checks."""
+    return {k: v for k, v in result.items() if k != "path"}
+
+
+# ---- score
+
+
+def test_score_shares_seeds_across_checkpoints_and_writes_outputs(tmp_path, lora_models, tiny):
+    run = tmp_path / "runs" / "ddpo-tiny"
+    ckpt = make_checkpoint(lora_models, run / "checkpoints" / "000002", seed=0)
+    other = make_checkpoint(lora_models, tmp_path / "other", seed=1, config=None)  # a bare LoRA folder
+    out = tmp_path / "eval"
+    prompts = write_prompts(tmp_path)
+    results = evaluate.main([
+        "score", "--checkpoints", "base", str(run), f"again={ckpt}", f"other={other}", "after=base",
+        "--prompts", prompts, "--samples-per-prompt", "2", "--batch-size", "3", "--grid-prompts", "2",
+        "--rewards", "brightness", "jpeg-compressibility", "--reward-tiny", "--out", str(out)])
+
+    # unset flags come from the checkpoint's training config
+    s = results["settings"]
+    assert (s["model"], s["num_steps"], s["eta"], s["guidance_scale"]) == ("tiny", 2, 1.0, 5.0)
+    ck = results["checkpoints"]
+    assert list(ck) == ["base", "ddpo-tiny-000002", "again", "other", "after"]
+    assert numbers(ck["ddpo-tiny-000002"]) == numbers(ck["again"])  # same weights, same seeds: same numbers
+    assert numbers(ck["base"]) == numbers(ck["after"])  # the LoRA layers were taken out again
+    for label in ("base", "other"):
+        assert ck[label]["rewards"]["brightness"]["mean"] != ck["again"]["rewards"]["brightness"]["mean"]
+    r = ck["again"]["rewards"]["brightness"]
+    assert r["n"] == 4 and [p["n"] for p in r["per_prompt"]] == [2, 2]
+    assert r["sem"] == pytest.approx(r["std"] / 2)
+    assert r["mean"] == pytest.approx(sum(p["mean"] for p in r["per_prompt"]) / 2)
+    div = ck["again"]["diversity"]
+    assert len(div["per_prompt"]) == 2 and div["mean"] >= 0
+
+    # score and heldout_score sample through the same function: the same numbers
+    held = evaluate.heldout_score(tiny, [Prompt("a cat", ("cat",)), Prompt("a dog riding a bike", ("dog",))],
+                                  rewards.make_reward("brightness"), samples_per_prompt=2, num_steps=2, eta=1.0,
+                                  guidance_scale=5.0, seed=0, batch_size=3)
+    assert held["heldout_reward_mean"] == pytest.approx(ck["base"]["rewards"]["brightness"]["mean"], abs=1e-6)
+
+    # outputs
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["checkpoints"]["again"]["rewards"]["brightness"]["mean"] == r["mean"]
+    table = (out / "table.md").read_text()
+    assert all(f"| {label} |" in table for label in ck) and "brightness" in table and "diversity" in table
+    for label in ck:
+        grid = Image.open(out / f"grid_{label}.png")
+        assert grid.size == (2 * 128 + 3 * 2,) * 2  # 2 prompts x 2 seeds of 32 px images, upscaled to 128
+
+
+def test_score_errors_name_the_path_or_flag(tmp_path):
+    prompts = write_prompts(tmp_path)
+    common = ["--model", "tiny", "--rewards", "brightness", "--out", str(tmp_path / "eval")]
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        evaluate.main(["score", "--checkpoints", str(tmp_path / "nothing-here"), "--prompts", prompts, *common])
+    (tmp_path / "empty-run").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty-run"):
+        evaluate.main(["score", "--checkpoints", str(tmp_path / "empty-run"), "--prompts", prompts, *common])
+    with pytest.raises(ValueError, match="drawbench:NoSuchCategory"):
+        evaluate.main(["score", "--prompts", "drawbench:NoSuchCategory", *common])
+    with pytest.raises(ValueError, match="repeat"):
+        evaluate.main(["score", "--checkpoints", "base", "base", "--prompts", prompts, *common])
+    with pytest.raises(ValueError, match="--reward-weights"):
+        evaluate.main(["score", "--prompts", prompts, "--reward-weights", "aesthetic=x.pt", *common])
+    with pytest.raises(SystemExit):  # a misspelt reward fails when flags are parsed
+        evaluate.main(["score", "--rewards", "brightnes"])
+
+
+# ---- diversity
+
+
+def test_diversity_is_zero_for_identical_images_and_positive_for_different(embedder):
+    g = torch.Generator().manual_seed(0)
+    same = torch.rand(1, 3, 32, 32, generator=g).repeat(3, 1, 1, 1)
+    different = torch.rand(3, 3, 32, 32, generator=g)
+    assert evaluate.image_diversity(same, embedder) == pytest.approx(0.0, abs=1e-6)
+    assert evaluate.image_diversity(different, embedder) > 1e-4
+
+    # per prompt: only prompts with >= 2 samples count; none -> nan
+    images = torch.cat([same[:2], different[:2], different[2:]])
+    d = evaluate.diversity_by_prompt(images, ["a", "a", "b", "b", "c"], embedder)
+    assert d == pytest.approx(evaluate.image_diversity(different[:2], embedder) / 2)
+    assert math.isnan(evaluate.diversity_by_prompt(images[:2], ["a", "b"], embedder))
+
+
+def test_diversity_matches_pairwise_cosine_distance():
+    e = F.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    pairs = [1 - F.cosine_similarity(e[i], e[j], dim=0).item() for i in range(5) for j in range(i + 1, 5)]
+    assert evaluate.diversity(e) == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
+    with pytest.raises(ValueError, match="N >= 2"):
+        evaluate.diversity(e[:1])
+
+
+# ---- heldout_score
+
+
+def test_heldout_score_is_deterministic_and_leaves_rng_and_mode_alone(lora_models, embedder):
+    models, _ = lora_models(seed=3)
+    reward_fn = rewards.make_reward("brightness")
+    prompts = [Prompt("a cat", ("cat",)), Prompt("an owl", ("owl",))]
+    kw = dict(samples_per_prompt=2, num_steps=2, eta=1.0, guidance_scale=5.0, batch_size=3, embedder=embedder)
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    models.unet.train()
+    a = evaluate.heldout_score(models, prompts, reward_fn, seed=7, **kw)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert models.unet.training
+    models.unet.eval()
+    assert evaluate.heldout_score(models, prompts, reward_fn, seed=7, **kw) == a  # deterministic, mode-independent
+    assert not models.unet.training
+    assert set(a) == {"heldout_reward_mean", "heldout_reward_std", "heldout_reward_sem", "heldout_samples", "heldout_diversity"}
+    assert a["heldout_samples"] == 4 and all(math.isfinite(v) for v in a.values())
+    assert evaluate.heldout_score(models, prompts, reward_fn, seed=8, **kw)["heldout_reward_mean"] != a["heldout_reward_mean"]
+
+
+# ---- compare
+
+
+def write_run(folder, queries, values, reward="jpeg-compressibility"):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for epoch, (q, v) in enumerate(zip(queries, values)):
+            f.write(json.dumps({"epoch": epoch, "reward_queries": q, "reward_mean": v, "reward_std": 0.1}) + "\n")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"reward": {"name": reward}}, f)
+
+
+@pytest.fixture
+def linear_runs(tmp_path):
+    """Rewards linear in the queries, offset to negative values, 2 seeds (+-0.1) per group: the baseline
+    gains 0.001 per query, DiffExp 0.002."""
+    queries = [100 * k for k in range(1, 11)]
+    for group, slope in (("base", 0.001), ("dx", 0.002)):
+        for seed, offset in (("a", 0.1), ("b", -0.1)):
+            write_run(tmp_path / "runs" / f"{group}-{seed}", queries, [-5 + slope * q + offset for q in queries])
+    return tmp_path / "runs"
+
+
+def test_compare_finds_the_known_queries_to_threshold(linear_runs, tmp_path):
+    out = tmp_path / "cmp.png"
+    summary = evaluate.main(["compare", "--groups", f"diffexp={linear_runs}/dx-*",
+                             f"baseline={linear_runs}/base-a,{linear_runs}/base-b", "--out", str(out)])
+    # r0 = -5 + 0.1, r_final = -5 + 1.0: threshold = r0 + 0.9 * 0.9 = -5 + 0.91
+    assert summary["threshold"] == pytest.approx(-5 + 0.91)
+    base, dx = summary["groups"]["baseline"], summary["groups"]["diffexp"]
+    assert base["queries_to_threshold"] == pytest.approx(910)
+    assert dx["queries_to_threshold"] == pytest.approx(455)
+    assert dx["queries_to_threshold_per_run"] == pytest.approx([405, 505])  # offsets +0.1, -0.1
+    assert dx["speedup"] == pytest.approx(2.0)
+    assert dx["final_mean"] == pytest.approx(-3.0) and dx["final_std"] == pytest.approx(0.2 / math.sqrt(2))
+    assert out.stat().st_size > 0
+    assert json.loads((tmp_path / "cmp.json").read_text())["groups"]["diffexp"]["queries_to_threshold"] == pytest.approx(455)
+
+    # a trailing 3-record moving average delays a linear curve by one record (100 queries)
+    smoothed = evaluate.main(["compare", "--groups", f"diffexp={linear_runs}/dx-*", f"baseline={linear_runs}/base-*",
+                              "--smooth", "ma", "--smooth-window", "3", "--out", str(out)])
+    assert smoothed["threshold"] == pytest.approx(-5 + 0.1 + 0.9 * 0.8)
+    assert smoothed["groups"]["baseline"]["queries_to_threshold"] == pytest.approx(920)
+    assert smoothed["groups"]["diffexp"]["queries_to_threshold"] == pytest.approx(510)
+
+
+def test_compare_errors_name_the_run_or_flag(linear_runs, tmp_path):
+    out = ["--out", str(tmp_path / "cmp.png")]
+    (linear_runs / "no-metrics").mkdir()
+    with pytest.raises(FileNotFoundError, match="no-metrics"):
+        evaluate.main(["compare", "--groups", f"x={linear_runs}/no-metrics", *out])
+    write_run(linear_runs / "empty", [], [])
+    with pytest.raises(ValueError, match="no records"):
+        evaluate.main(["compare", "--groups", f"x={linear_runs}/empty", *out])
+    with pytest.raises(FileNotFoundError, match="nothing-like-this"):
+        evaluate.main(["compare", "--groups", f"x={linear_runs}/nothing-like-this*", *out])
+    with pytest.raises(ValueError, match="LABEL=RUN"):
+        evaluate.main(["compare", "--groups", str(linear_runs / "dx-a"), *out])
+    with pytest.raises(ValueError, match="--baseline"):
+        evaluate.main(["compare", "--groups", f"x={linear_runs}/dx-a", "--baseline", "y", *out])
