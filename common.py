@@ -4,6 +4,7 @@ plot and image grids, atomic checkpoints, RNG state, and the per-prompt sample p
 either method lives here; that stays in the trainers, diffusion.py and explore.py.
 """
 
+import copy
 import dataclasses
 import glob
 import hashlib
@@ -11,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 
@@ -263,6 +265,57 @@ def prune_checkpoints(run_dir: str, keep: int):
     found = sorted(p for p in glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]*")) if not p.endswith(".tmp"))
     for p in found[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# Stopping cleanly: SIGTERM, a non-finite value or a failing reward model in the middle of an epoch
+# ends the run with a checkpoint of the state at the START of that epoch (kept in memory: LoRA weights
+# and optimizer state are small). All randomness is keyed by position, so resuming redoes the epoch
+# exactly and the run ends as if it had never stopped.
+
+class Interrupted(Exception):
+    pass
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"received signal {signal.Signals(signum).name}")
+
+
+class LastGoodState:
+    def __init__(self):
+        self.run_dir = None
+
+    def arm(self, run_dir: str, unet, params, rank: int):
+        self.run_dir, self.unet, self.params, self.rank = run_dir, unet, params, rank
+
+    def update(self, epoch: int, state: dict):
+        """Call at the start of every epoch with the state a checkpoint of `epoch` finished epochs holds."""
+        self.epoch, self.state = epoch, copy.deepcopy(state)
+        self.weights = [p.detach().clone() for p in self.params]
+
+    def save(self, reason: str) -> str | None:
+        if self.run_dir is None or self.rank != 0 or not hasattr(self, "epoch"):
+            return None
+        with torch.no_grad():
+            for p, w in zip(self.params, self.weights):
+                p.copy_(w)
+        return save_checkpoint(self.run_dir, self.epoch, self.unet, self.state, {"epoch": self.epoch, "stopped_by": reason})
+
+
+def run_guarded(train, cfg):
+    """Runs train(cfg, guard); on SIGTERM or any error, saves guard's last good state, then re-raises."""
+    guard = LastGoodState()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        return train(cfg, guard)
+    except BaseException as e:
+        path = guard.save(f"{type(e).__name__}: {e}")
+        if path:
+            print0(f"stopped in epoch {guard.epoch} by {type(e).__name__}: {e}\nsaved the state before that epoch to "
+                   f"{path}; continue with --resume {guard.run_dir}")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # -----------------------------------------------------------------------------

@@ -120,6 +120,10 @@ def peak_memory_mb(device: str) -> float:
 
 
 def main(cfg: Config):
+    return common.run_guarded(train, cfg)
+
+
+def train(cfg: Config, guard: common.LastGoodState):
     # ---- checks and set-up
     explore.validate(cfg.explore, cfg.sample.guidance_scale)
     T = cfg.sample.num_steps
@@ -159,7 +163,12 @@ def main(cfg: Config):
            f"{cfg.train.batch_size} over {world} process(es); gradients through the last {ks[0]}..{ks[1]} of {T} steps")
     assert grad_accum * cfg.train.batch_size == cfg.train.total_batch
     my_micro = list(range(rank, grad_accum, world))  # global micro-batch indices of this process
+    guard.arm(run_dir, models.unet, params, rank)
 
+    def training_state(epochs_done: int) -> dict:
+        return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict()}
+
+    guard.update(start_epoch, training_state(start_epoch))  # what a stop before the first epoch ends saves
     for epoch in range(start_epoch, cfg.num_epochs):
         progress = epoch / cfg.num_epochs
         exploring = any(explore.active(cfg.explore, progress))
@@ -218,6 +227,7 @@ def main(cfg: Config):
             record.update(evaluate.heldout_score(models, heldout, reward_fn, cfg.eval.samples_per_prompt, T, cfg.sample.eta,
                                                  cfg.sample.guidance_scale, cfg.seed, cfg.eval.batch_size, embedder))
         metrics.log(record)
+        guard.update(epoch + 1, training_state(epoch + 1))  # this epoch is done: a stop from here on keeps it
         print0(f"epoch {epoch} | reward {record['reward_mean']:.4g}±{record['reward_std']:.3g} | loss {common.fmt(record['loss'])} | "
                f"grad norm {common.fmt(record['grad_norm'])} | grads from step {record['grad_from_step']:.3g}/{T} | "
                f"{'explore' if exploring else 'plain'} | {seconds:.1f} s")
@@ -225,8 +235,7 @@ def main(cfg: Config):
         if common.every(cfg.log.grid_every, epoch + 1, last):
             common.save_grid(last_images[: cfg.log.grid_size], os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png"))
         if common.every(cfg.log.save_every, epoch + 1, last):
-            state = {"epoch": epoch + 1, "reward_queries": reward_queries, "optimizer": optimizer.state_dict()}
-            common.save_checkpoint(run_dir, epoch + 1, models.unet, state, {"config": cfg, "epoch": epoch + 1, **record})
+            common.save_checkpoint(run_dir, epoch + 1, models.unet, training_state(epoch + 1), {"config": cfg, "epoch": epoch + 1, **record})
             common.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
     common.barrier(world)
     return run_dir

@@ -160,6 +160,10 @@ def ppo_loss(log_prob, old_log_prob, advantages, clip_range: float):
 
 
 def main(cfg: Config):
+    return common.run_guarded(train, cfg)
+
+
+def train(cfg: Config, guard: common.LastGoodState):
     # ---- checks and set-up
     explore.validate(cfg.explore, cfg.sample.guidance_scale)
     if cfg.sample.eta <= 0:
@@ -208,9 +212,15 @@ def main(cfg: Config):
            f"steps per inner epoch, {cfg.train.inner_epochs} inner epoch(s)")
     assert N == cfg.train.batch_size * grad_accum * cfg.train.updates_per_epoch
     my_batches = list(range(rank, cfg.sample.num_batches, world))  # global sampling batches of this process
+    guard.arm(run_dir, models.unet, params, rank)
+
+    def training_state(epochs_done: int) -> dict:
+        return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
+                "stat_tracker": stat_tracker.state_dict()}
     n_local = len(my_batches) * cfg.sample.batch_size
     accum_local = grad_accum // world
 
+    guard.update(start_epoch, training_state(start_epoch))  # what a stop before the first epoch ends saves
     for epoch in range(start_epoch, cfg.num_epochs):
         progress = epoch / cfg.num_epochs
         exploring = any(explore.active(cfg.explore, progress))
@@ -236,8 +246,15 @@ def main(cfg: Config):
         # ---- rewards; advantages from the rewards of ALL processes (per-prompt statistics need them)
         t0 = time.perf_counter()
         with torch.no_grad():
-            for b in batches:
-                b["rewards"] = reward_fn(b["images"], b["prompts"]).float().cpu()
+            for n, b in enumerate(batches):
+                try:
+                    b["rewards"] = reward_fn(b["images"], b["prompts"]).float().cpu()
+                except Exception as e:  # keep what was sampled: the images are worth looking at
+                    path = os.path.join(run_dir, f"unscored_epoch_{epoch:04d}_rank{rank}.pt")
+                    torch.save({"images": torch.cat([x["images"] for x in batches]).cpu(),
+                                "prompts": [p for x in batches for p in x["prompts"]]}, path)
+                    raise RuntimeError(f"epoch {epoch}: the reward model ({cfg.reward.name}) failed on sampling batch "
+                                       f"{n}: {e}. This epoch's samples are saved in {path}.") from e
                 b["embeddings"] = evaluate.embed_images(b["images"], embedder).cpu() if embedder else torch.zeros(len(b["prompts"]), 0)
         t_reward = time.perf_counter() - t0
         local_prompts = [p for b in batches for p in b["prompts"]]
@@ -311,6 +328,7 @@ def main(cfg: Config):
                 record.update(evaluate.heldout_score(models, heldout, reward_fn, cfg.eval.samples_per_prompt, T, cfg.sample.eta,
                                                      cfg.sample.guidance_scale, cfg.seed, cfg.eval.batch_size, embedder))
             metrics.log(record)
+            guard.update(epoch + 1, training_state(epoch + 1))  # this epoch is done: a stop from here on keeps it
             print0(f"epoch {epoch} | reward {record['reward_mean']:.4g}±{record['reward_std']:.3g} | "
                    f"kl {common.fmt(record['approx_kl'])} | clipfrac {record['clipfrac']:.3f} | loss {common.fmt(record['loss'])} | "
                    f"{'explore' if exploring else 'plain'} | {t_sample + t_reward + t_train:.1f} s")
@@ -318,9 +336,7 @@ def main(cfg: Config):
             if common.every(cfg.log.grid_every, epoch + 1, last):
                 common.save_grid(grid_images, os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png"))
             if common.every(cfg.log.save_every, epoch + 1, last):
-                state = {"epoch": epoch + 1, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
-                         "stat_tracker": stat_tracker.state_dict()}
-                common.save_checkpoint(run_dir, epoch + 1, models.unet, state, {"config": cfg, "epoch": epoch + 1, **record})
+                common.save_checkpoint(run_dir, epoch + 1, models.unet, training_state(epoch + 1), {"config": cfg, "epoch": epoch + 1, **record})
                 common.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
         common.barrier(world)
     return run_dir

@@ -39,6 +39,12 @@ def test_two_processes_equal_one(tmp_path, script, port):
     # the same samples: identical rewards in the first epoch (before any update), close after
     assert m1[0]["reward_mean"] == pytest.approx(m2[0]["reward_mean"], abs=1e-6)
     assert [r["reward_queries"] for r in m1] == [r["reward_queries"] for r in m2]
+    # the same averaged gradient: Adam is blind to a gradient's scale, the logged norm is not
+    assert m1[0]["grad_norm"] == pytest.approx(m2[0]["grad_norm"], rel=1e-4)
+    # weights: float summation order differs between 1 and 2 processes, and Adam divides by |gradient|,
+    # which turns rounding noise on near-zero gradients into up to a few % of one step (lr 1e-2 here).
+    # Measured: 1e-4 to 4e-4. The tolerance is a tenth of a step; a missing average would be caught
+    # above, and diverging ranks inside the run.
     diff = max((one[k] - two[k]).abs().max().item() for k in one)
-    scale = max(one[k].abs().max().item() for k in one)
-    assert diff <= 1e-4 * max(scale, 1e-3), (diff, scale)
+    assert diff <= 1e-3, diff
+    assert m1[1]["reward_mean"] == pytest.approx(m2[1]["reward_mean"], abs=1e-4)

@@ -1,0 +1,129 @@
+"""Stopping and resuming: a failure mid-epoch (a NaN reward, an exception, a real SIGTERM) saves the
+state before that epoch, and resuming from it ends exactly like an uninterrupted run; corrupt
+checkpoints give clear errors; bfloat16 runs a training step on the CPU."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import lora
+import rewards
+import train_alignprop
+import train_ddpo
+from test_alignprop import small as small_alignprop
+from test_ddpo import small as small_ddpo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINERS = [(train_ddpo, small_ddpo), (train_alignprop, small_alignprop)]
+
+
+def weights(run_dir):
+    return load_file(os.path.join(common.latest_checkpoint(str(run_dir)), lora.WEIGHT_NAME))
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def nan_reward_from_call(n):
+    """A make_reward stand-in whose reward is NaN from its n-th call on (counting from 0)."""
+    real, calls = rewards.make_reward, [0]
+
+    def make(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def reward(images, prompts):
+            r = fn(images, prompts)
+            calls[0] += 1
+            return r * float("nan") if calls[0] > n else r
+        return reward
+    return make
+
+
+@pytest.mark.parametrize("trainer, small", TRAINERS)
+def test_nan_reward_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch, trainer, small):
+    full = trainer.main(small(tmp_path / "full", num_epochs=3, log=common.LogConfig(save_every=0)))
+    cfg = small(tmp_path / "cut", num_epochs=3, log=common.LogConfig(save_every=0))  # checkpoints only at the end
+    calls_per_epoch = 2  # both tiny configs score 2 batches per epoch
+    monkeypatch.setattr(rewards, "make_reward", nan_reward_from_call(calls_per_epoch + 1))  # NaN in epoch 1
+    with pytest.raises(FloatingPointError, match="epoch 1"):
+        trainer.main(cfg)
+    ckpt = common.latest_checkpoint(cfg.run_dir)
+    assert ckpt.endswith("000001")  # the state after epoch 0, the last good one
+    monkeypatch.undo()
+    resumed = trainer.main(dataclasses.replace(cfg, resume=cfg.run_dir))
+    assert same(weights(full), weights(resumed))
+    assert [r["reward_mean"] for r in common.read_metrics(os.path.join(full, "metrics.jsonl"))] == \
+           [r["reward_mean"] for r in common.read_metrics(os.path.join(resumed, "metrics.jsonl"))]
+
+
+def test_failing_reward_model_keeps_the_samples(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        def reward(images, prompts):
+            raise RuntimeError("out of memory (simulated)")
+        return reward
+    monkeypatch.setattr(rewards, "make_reward", broken)
+    cfg = small_ddpo(tmp_path)
+    with pytest.raises(RuntimeError, match="samples are saved in") as e:
+        train_ddpo.main(cfg)
+    path = str(e.value).rsplit(" in ", 1)[1].rstrip(".")
+    saved = torch.load(path)
+    assert saved["images"].shape[0] == 8 and len(saved["prompts"]) == 8
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
+    flags = ["tiny", "--num-epochs", "3", "--log.save-every", "0", "--sample.num-steps", "4", "--sample.batch-size", "4",
+             "--sample.num-batches", "2", "--train.batch-size", "2", "--train.updates-per-epoch", "2",
+             "--train.timesteps-per-forward", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    full = tmp_path / "full"
+    subprocess.run([sys.executable, "train_ddpo.py", *flags, "--run-dir", str(full)], cwd=ROOT, env=env,
+                   check=True, capture_output=True, timeout=600)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "train_ddpo.py", *flags, "--run-dir", str(cut)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # stop it during epoch 1
+        if line.startswith("epoch 0 |"):
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and "saved the state before that epoch" in out, out[-2000:]
+    assert int(os.path.basename(common.latest_checkpoint(str(cut)))) >= 1  # epoch 0's work was kept
+    subprocess.run([sys.executable, "train_ddpo.py", *flags, "--run-dir", str(cut), "--resume", str(cut)], cwd=ROOT,
+                   env=env, check=True, capture_output=True, timeout=600)
+    assert same(weights(full), weights(cut))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    run = train_ddpo.main(small_ddpo(tmp_path))
+    ckpt = common.latest_checkpoint(run)
+    state = os.path.join(ckpt, "state.pt")
+    with open(state, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(RuntimeError, match="state.pt"):
+        train_ddpo.main(dataclasses.replace(small_ddpo(tmp_path), resume=run))
+    weights_file = os.path.join(ckpt, lora.WEIGHT_NAME)
+    with open(weights_file, "r+b") as f:
+        f.truncate(50)
+    with pytest.raises(RuntimeError, match=lora.WEIGHT_NAME):
+        train_ddpo.main(dataclasses.replace(small_ddpo(tmp_path), resume=run))
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        train_ddpo.main(dataclasses.replace(small_ddpo(tmp_path), resume=str(tmp_path / "nothing")))
+
+
+@pytest.mark.parametrize("trainer, small", TRAINERS)
+def test_bfloat16_training_step_on_cpu(tmp_path, trainer, small):
+    run = trainer.main(small(tmp_path, dtype="bfloat16"))
+    (rec,) = common.read_metrics(os.path.join(run, "metrics.jsonl"))
+    assert rec["grad_norm"] > 0 and torch.isfinite(torch.tensor(rec["loss"]))
+    w = weights(run)
+    assert all(t.dtype == torch.float32 for t in w.values())  # LoRA weights stay float32
