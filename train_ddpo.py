@@ -80,6 +80,7 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     dtype: Literal["float32", "bfloat16"] = "float32"  # frozen weights' dtype; LoRA weights stay float32
+    compile: bool = False  # torch.compile the UNet (checkpoints are always saved from the uncompiled module)
     run_dir: str = ""  # default: runs/{name}-{date}
     resume: str = ""  # a run folder (its newest checkpoint) or a checkpoint folder
     sample: SampleConfig = SampleConfig()
@@ -189,6 +190,9 @@ def train(cfg: Config, guard: common.LastGoodState):
 
     models = diffusion.load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
     params = lora.inject(models.unet, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, seed=cfg.seed)
+    unet = models.unet  # the uncompiled module: LoRA is saved and loaded through it
+    if cfg.compile:
+        models = dataclasses.replace(models, unet=torch.compile(unet))  # shares unet's parameters
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.adam_betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.adam_eps)
     reward_fn = rewards.make_reward(cfg.reward.name, device=device, dtype=dtype, tiny=cfg.reward.tiny, weights=cfg.reward.weights)
@@ -200,7 +204,7 @@ def train(cfg: Config, guard: common.LastGoodState):
     stat_tracker = PerPromptStatTracker(cfg.train.buffer_size, cfg.train.min_count)
     start_epoch, reward_queries = 0, 0
     if cfg.resume:
-        state = common.load_checkpoint(cfg.resume, models.unet)
+        state = common.load_checkpoint(cfg.resume, unet)
         optimizer.load_state_dict(state["optimizer"])
         stat_tracker.load_state_dict(state["stat_tracker"])
         start_epoch, reward_queries = state["epoch"], state["reward_queries"]
@@ -212,7 +216,7 @@ def train(cfg: Config, guard: common.LastGoodState):
            f"steps per inner epoch, {cfg.train.inner_epochs} inner epoch(s)")
     assert N == cfg.train.batch_size * grad_accum * cfg.train.updates_per_epoch
     my_batches = list(range(rank, cfg.sample.num_batches, world))  # global sampling batches of this process
-    guard.arm(run_dir, models.unet, params, rank)
+    guard.arm(run_dir, unet, params, rank)
 
     def training_state(epochs_done: int) -> dict:
         return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
@@ -336,7 +340,7 @@ def train(cfg: Config, guard: common.LastGoodState):
             if common.every(cfg.log.grid_every, epoch + 1, last):
                 common.save_grid(grid_images, os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png"))
             if common.every(cfg.log.save_every, epoch + 1, last):
-                common.save_checkpoint(run_dir, epoch + 1, models.unet, training_state(epoch + 1), {"config": cfg, "epoch": epoch + 1, **record})
+                common.save_checkpoint(run_dir, epoch + 1, unet, training_state(epoch + 1), {"config": cfg, "epoch": epoch + 1, **record})
                 common.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
         common.barrier(world)
     return run_dir
