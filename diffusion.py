@@ -324,6 +324,10 @@ def ddim_step(scheduler, eps, t, x_t, eta: float, num_steps: int, x_prev=None, g
     a_t = alphas[t].view(B, 1, 1, 1)
     a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final).view(B, 1, 1, 1)
     x0_hat = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # eq. (12), "predicted x_0"
+    if scheduler.config.clip_sample:  # pixel-space models (the toy world): x_0 lies in [-r, r], as DDPM samples
+        r = scheduler.config.clip_sample_range
+        x0_hat = x0_hat.clamp(-r, r)
+        eps = (x_t - a_t.sqrt() * x0_hat) / (1 - a_t).sqrt()  # the noise consistent with the clipped x_0
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # eq. (16), sigma_t^2 at eta = 1
     std = eta * var.sqrt()
     mean = a_prev.sqrt() * x0_hat + (1 - a_prev - std ** 2).sqrt() * eps  # eq. (12), "direction to x_t"

@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from toy import TOY_DIFFERENTIABLE, TOY_REWARDS
+
 # open_clip and transformers are imported inside the factories that need them: together they take
 # seconds to import, and the model-free rewards of the tiny quick start need neither.
 
@@ -390,10 +392,11 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "hpsv2": hpsv2,
 }
 # The trainers' config field: tyro rejects a misspelt name at parse time.
+REWARDS.update(TOY_REWARDS)  # the toy world's rewards (toy.py): alignment, classifier, aesthetic
 RewardName = Literal["jpeg-compressibility", "jpeg-incompressibility", "brightness", "contrast",
-                     "aesthetic", "pickscore", "hpsv2"]
+                     "aesthetic", "pickscore", "hpsv2", "toy-alignment", "toy-classifier", "toy-aesthetic"]
 assert set(get_args(RewardName)) == set(REWARDS), "RewardName must list exactly the keys of REWARDS"
-DIFFERENTIABLE = frozenset({"brightness", "contrast", "aesthetic", "pickscore", "hpsv2"})  # w.r.t. the images
+DIFFERENTIABLE = frozenset({"brightness", "contrast", "aesthetic", "pickscore", "hpsv2"}) | TOY_DIFFERENTIABLE  # w.r.t. the images
 assert DIFFERENTIABLE <= set(REWARDS)
 
 

@@ -91,11 +91,17 @@ class Config:
 
 
 BASE = Config()
+TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy")  # shipped with the repo
 PRESETS = {
     "tiny": ("Offline tiny random model, a differentiable model-free reward, a few steps on a CPU.", dataclasses.replace(
         BASE, name="alignprop-tiny", model="tiny", num_epochs=12, k=2,
         sample=SampleConfig(num_steps=10), train=TrainConfig(batch_size=4, total_batch=8, lr=1e-2),
         reward=RewardConfig(name="brightness"), log=LogConfig(grid_every=4, save_every=4), eval=EvalConfig(clip_tiny=True))),
+    "toy": ("The toy shapes world (pretrained pixel-space model, offline); a starting point, not yet tuned.", dataclasses.replace(
+        BASE, name="alignprop-toy", model=TOY_MODEL, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_train.txt"), num_epochs=40,
+        k=2, sample=SampleConfig(num_steps=20), train=TrainConfig(batch_size=8, total_batch=16, lr=1e-3),
+        reward=RewardConfig(name="toy-classifier"), log=LogConfig(grid_every=5, save_every=10),
+        eval=EvalConfig(clip_tiny=True, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_heldout.txt")))),
     "sd15-aesthetic": ("SD v1.5, 45 animals, LAION aesthetic; AlignProp's reference hyperparameters.", dataclasses.replace(
         BASE, name="alignprop-sd15-aesthetic")),
     "sd15-pickscore": ("SD v1.5, 135 animal-activity prompts, PickScore.", dataclasses.replace(

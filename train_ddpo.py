@@ -93,6 +93,7 @@ class Config:
 
 
 BASE = Config()
+TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy")  # shipped with the repo
 PRESETS = {
     "tiny": ("Offline tiny random model, brightness reward, a few epochs on a CPU (see README: why not JPEG).", dataclasses.replace(
         BASE, name="ddpo-tiny", model="tiny", num_epochs=10,
@@ -100,6 +101,12 @@ PRESETS = {
         train=TrainConfig(batch_size=8, updates_per_epoch=4, timesteps_per_forward=10, lr=1e-2, clip_range=0.1, min_count=4),
         explore=ExploreConfig(t_thres=700), reward=RewardConfig(name="brightness"), lora=LoRAConfig(alpha=16.0),
         log=LogConfig(grid_every=5, save_every=5), eval=EvalConfig(clip_tiny=True))),
+    "toy": ("The toy shapes world (pretrained pixel-space model, offline); a starting point, not yet tuned.", dataclasses.replace(
+        BASE, name="ddpo-toy", model=TOY_MODEL, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_train.txt"), num_epochs=40,
+        sample=SampleConfig(num_steps=20, batch_size=16, num_batches=2),
+        train=TrainConfig(batch_size=8, updates_per_epoch=4, timesteps_per_forward=10, lr=1e-3, clip_range=1e-3, min_count=4),
+        reward=RewardConfig(name="toy-alignment"), log=LogConfig(grid_every=5, save_every=10),
+        eval=EvalConfig(clip_tiny=True, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_heldout.txt")))),
     "sd15-aesthetic": ("SD v1.5, 45 animals, LAION aesthetic; the DDPO reference hyperparameters.", dataclasses.replace(
         BASE, name="ddpo-sd15-aesthetic")),
     "sd15-pickscore": ("SD v1.5, 135 animal-activity prompts, PickScore.", dataclasses.replace(

@@ -1,0 +1,131 @@
+"""The toy world (toy.py): the generator, the toy rewards, the prompt files, and the shipped toy model."""
+
+import os
+
+import pytest
+import torch
+
+import toy
+from diffusion import ddim_step, load_models, load_prompts, phrase_positions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY_MODEL = os.path.join(ROOT, "weights", "toy")
+
+
+def wrong_captions(labels: torch.Tensor, what: str) -> list[str]:
+    """Captions that get the colour (or the shape) wrong, deterministically."""
+    out = []
+    for i, (c, s) in enumerate(labels.tolist()):
+        if what == "colour":
+            c = (c + 1 + i % (len(toy.COLOURS) - 1)) % len(toy.COLOURS)
+        else:
+            s = (s + 1 + i % (len(toy.SHAPES) - 1)) % len(toy.SHAPES)
+        out.append(toy.caption(c, s))
+    return out
+
+
+@pytest.fixture(scope="module")
+def world():
+    return toy.make_batch(256, torch.Generator().manual_seed(7))
+
+
+def test_make_batch_is_deterministic_per_seed():
+    a = toy.make_batch(32, torch.Generator().manual_seed(3))
+    b = toy.make_batch(32, torch.Generator().manual_seed(3))
+    c = toy.make_batch(32, torch.Generator().manual_seed(4))
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] and torch.equal(a[2], b[2])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_captions_match_images(world):
+    images, captions, labels = world
+    assert images.shape == (256, 3, 32, 32) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    assert captions == [toy.caption(c, s) for c, s in labels.tolist()]
+    assert set(captions) == set(toy.all_captions())  # every colour-shape pair occurs
+    reward = toy.toy_alignment()
+    own = reward(images, captions)
+    assert own.shape == (256,) and own.dtype == torch.float32
+    assert own.mean() > 0.9 and own.min() > 0.7
+    assert reward(images, wrong_captions(labels, "colour")).max() < 0.15
+    assert reward(images, wrong_captions(labels, "shape")).max() < 0.15
+    blank = torch.full((2, 3, 32, 32), toy.GREY)  # no object at all
+    assert reward(blank, captions[:2]).eq(0).all()
+
+
+def test_prompt_parsing():
+    assert toy.parse_prompt("a red circle") == (0, 0)
+    assert toy.parse_prompt("a [purple] [triangle]") == (5, 2)
+    with pytest.raises(ValueError, match="colour"):
+        toy.parse_prompt("a cat")
+
+
+def test_prompt_files_cover_the_world():
+    train = load_prompts(os.path.join(ROOT, "prompts", "toy_train.txt"))
+    heldout = load_prompts(os.path.join(ROOT, "prompts", "toy_heldout.txt"))
+    texts_train, texts_heldout = {p.text for p in train}, {p.text for p in heldout}
+    assert not texts_train & texts_heldout
+    assert texts_train | texts_heldout == set(toy.all_captions())
+    for p in train + heldout:
+        assert p.phrases == tuple(p.text.split()[1:])  # [colour, shape]
+
+
+def test_classifier_reward_has_image_gradients():
+    images, captions, _ = toy.make_batch(4, torch.Generator().manual_seed(0))
+    for fn in (toy.toy_classifier(tiny=True), toy.toy_aesthetic()):
+        x = images.clone().requires_grad_(True)
+        r = fn(x, captions)
+        assert r.shape == (4,) and r.dtype == torch.float32
+        r.sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(not os.path.isfile(toy.CLASSIFIER_PATH), reason="no trained toy classifier shipped")
+def test_classifier_reward_agrees_with_analytic(world):
+    images, captions, labels = world
+    assert os.path.getsize(toy.CLASSIFIER_PATH) < 1_000_000
+    analytic, classifier = toy.toy_alignment(), toy.toy_classifier()
+    all_images = torch.cat([images] * 3)
+    prompts = captions + wrong_captions(labels, "colour") + wrong_captions(labels, "shape")
+    a = analytic(all_images, prompts)
+    p = classifier(all_images, prompts).exp()  # p(colour, shape) of the prompt
+    assert p[:256].mean() > 0.95 and p[256:].mean() < 0.05
+    assert ((a > 0.5) == (p > 0.5)).float().mean() > 0.98
+
+
+def test_pretrain_writes_a_loadable_pixel_space_model(tmp_path):
+    out = str(tmp_path / "toy")
+    toy.pretrain(toy.PretrainConfig(out=out, max_steps=1, batch_size=4, threads=1))
+    assert sorted(os.listdir(out)) == ["scheduler", "text_encoder", "tokenizer", "training_info.json", "unet"]
+    models = load_models(out)
+    assert models.vae is None and models.image_size == 32 and models.latent_shape == (3, 32, 32)
+    assert models.scheduler.alphas_cumprod[-1] < 1e-4  # the pixel-space schedule ends in pure noise
+    prompt = load_prompts(os.path.join(ROOT, "prompts", "toy_heldout.txt"))[0]  # "a [red] [circle]"
+    assert prompt.phrases == ("red", "circle")
+    assert phrase_positions(models.tokenizer, prompt) == [[2], [3]]  # one CLIP token per phrase, after <bos> a
+
+
+def sampler_clips_x0(scheduler) -> bool:
+    """Does diffusion.ddim_step clip the predicted x0 to [-1, 1] when scheduler.config.clip_sample is set?
+    Probe at t = 951 -> 901, eta 0, x_t = 0, eps = 1: the predicted x0 = -sqrt((1 - a) / a) ~ -95. Clipped
+    to -1, the step uses the eps consistent with it, sqrt(a / (1 - a)), and lands near 0 (unclipped: -0.59)."""
+    a, a_prev = scheduler.alphas_cumprod[951], scheduler.alphas_cumprod[901]
+    x_prev, _ = ddim_step(scheduler, torch.ones(1, 1, 1, 1), 951, torch.zeros(1, 1, 1, 1), eta=0.0, num_steps=20)
+    clipped = -a_prev.sqrt() + (1 - a_prev).sqrt() * (a / (1 - a)).sqrt()  # DDIM eq. (12) with x0 = -1
+    return torch.allclose(x_prev.flatten(), clipped.view(1).float(), atol=1e-4)
+
+
+@pytest.mark.skipif(not os.path.isdir(TOY_MODEL), reason="no pretrained toy model shipped")
+def test_shipped_model_follows_guidance():
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(TOY_MODEL) for f in fs)
+    assert size <= 10_000_000
+    models = load_models(TOY_MODEL)
+    assert models.vae is None and models.scheduler.config.clip_sample
+    assert sampler_clips_x0(models.scheduler), (
+        "diffusion.ddim_step must clip x0_hat to [-1, 1] (and use the eps consistent with it) when "
+        "scheduler.config.clip_sample is set, as DDPM samples pixel-space models; see toy.TOY_SCHEDULER.")
+    prompts = toy.all_captions()[::2] + toy.all_captions()[1::3]  # 15 samples, every colour and shape
+    reward = toy.toy_alignment()
+    unguided = reward(toy.sample_toy(models, prompts, 0.0, seed=0), prompts)
+    guided = reward(toy.sample_toy(models, prompts, 5.0, seed=0), prompts)
+    assert guided.mean() > unguided.mean() + 0.08, (guided.mean(), unguided.mean())
