@@ -18,6 +18,7 @@ import rewards  # noqa: E402
 
 LEARNED = ("aesthetic", "pickscore", "hpsv2")
 PROMPTS = ["a photo of a cat", "a corgi riding a red bicycle on the beach at sunset", "a photo of a cat"]
+TOY_PROMPTS = ["a red circle", "a blue square", "a red circle"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -100,15 +101,16 @@ def test_preprocess_matches_transformers(kind, h, w):
 @pytest.mark.parametrize("name", sorted(rewards.DIFFERENTIABLE))
 def test_differentiable_rewards(name, tiny_rewards):
     reward_fn = tiny_rewards.get(name) or rewards.make_reward(name)
+    prompts = TOY_PROMPTS if name.startswith("toy-") else PROMPTS  # toy rewards read "a {colour} {shape}"
     images = random_images().requires_grad_()
-    r = reward_fn(images, PROMPTS)
+    r = reward_fn(images, prompts)
     assert r.shape == (3,) and r.dtype == torch.float32 and torch.isfinite(r).all()
     r.sum().backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
 
     perm = torch.tensor([2, 0, 1])
     with torch.no_grad():
-        r_perm = reward_fn(images[perm], [PROMPTS[i] for i in perm])
+        r_perm = reward_fn(images[perm], [prompts[i] for i in perm])
     torch.testing.assert_close(r_perm, r.detach()[perm], rtol=1e-5, atol=1e-5)
 
 
