@@ -1,0 +1,47 @@
+"""bench.py: the tiny preset, shrunk to seconds, runs every stage and writes well-formed JSON lines; the
+FLOP count of a UNet call is positive and deterministic."""
+
+import json
+import math
+
+import torch
+
+import bench
+
+FIELDS = ("name", "device", "dtype", "batch", "steps", "resolution", "value", "unit", "seconds")
+
+
+def test_tiny_bench_emits_one_json_line_per_measurement(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    records = bench.main(bench.cli([
+        "tiny", "--iters", "1", "--burn-in", "0", "--out", str(out),
+        "--sample.batch", "2", "--sample.num-steps", "2",
+        "--ddpo.batch", "2", "--ddpo.timesteps-per-forward", "1", "2",
+        "--alignprop.batch", "1", "--alignprop.num-steps", "2", "--alignprop.k", "1", "--alignprop.checkpointing", "True",
+        "--reward.batch", "2", "--reward.names", "aesthetic"]))
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    stdout = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert lines == stdout == records
+    assert [r["name"] for r in lines] == ["sample", "ddpo update tpf=1", "ddpo update tpf=2", "alignprop K=1 ckpt",
+                                          "reward aesthetic (tiny)"]
+    for r in lines:
+        assert all(f in r for f in FIELDS), r
+        assert r["device"] == "cpu" and r["dtype"] == "float32" and r["resolution"] == 32
+        assert math.isfinite(r["value"]) and r["value"] > 0 and r["seconds"] > 0
+    for r in lines[:4]:  # the UNet stages: FLOPs counted, no MFU on a CPU
+        assert r["flops"] > 0 and r["mfu"] is None
+    alignprop = lines[3]
+    assert alignprop["memory_mb"] >= alignprop["baseline_mb"] > 0 and alignprop["error"] is None
+
+
+def test_unet_call_flops_positive_and_deterministic(tiny, cond, uncond):
+    first = bench.unet_call_flops(tiny, cond, uncond)
+    assert first > 0
+    assert bench.unet_call_flops(tiny, cond, uncond) == first
+    assert bench.unet_call_flops(tiny, cond[:1], uncond) * 3 == first  # linear in the batch
+
+
+def test_count_flops_includes_attention_on_cpu():
+    q = torch.randn(1, 2, 16, 8)  # (B, heads, tokens, head dim)
+    flops = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), "cpu")
+    assert flops == 2 * (2 * 2 * 16 * 16 * 8)  # QK^T and AV: 2 FLOPs per multiply-add each
