@@ -1,5 +1,5 @@
 """
-Evaluation of reward fine-tuning runs (METHOD.md section 10). The paper's claims are curves of reward
+Evaluation of reward fine-tuning runs. The paper's claims are curves of reward
 against the number of reward queries, DiffExp against the baseline, and scores on held-out prompts;
 the two subcommands produce exactly these.
 

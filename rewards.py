@@ -1,5 +1,5 @@
 """
-Reward functions (METHOD.md section 8). Every reward is built by a factory with one signature and
+Reward functions. Every reward is built by a factory with one signature and
 scores a batch of images against their prompts:
 
     reward_fn = make_reward("aesthetic", device="cuda", dtype=torch.float16)

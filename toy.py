@@ -359,7 +359,7 @@ TOY_TEXT = dict(
 # models. With epsilon prediction x0_hat = (x_t - sqrt(1 - a) eps) / sqrt(a) multiplies the UNet's error by
 # up to 1 / sqrt(a) ~ 100 at the first steps; unclipped, a briefly trained model floods the whole image with
 # colour. The rest follows SD (leading spacing, steps_offset 1: 20 DDIM steps visit t = 951, 901, ..., 1),
-# so METHOD.md's t_thres = 800 gives w_low to the first 4 of 20 steps.
+# so the default t_thres = 800 gives w_low to the first 4 of 20 steps.
 TOY_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
     clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
