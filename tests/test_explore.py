@@ -16,7 +16,7 @@ def test_cfg_schedule_both_sides_of_threshold():
     w = explore.guidance_scales(SD_TIMESTEPS, 3, 5.0, cfg, schedule_on=True)
     assert w.shape == (3, 50)
     early = SD_TIMESTEPS > 800
-    assert early.sum() == 10  # METHOD: t_thres 800 gives w_low to the first 10 of 50 steps
+    assert early.sum() == 10  # t_thres 800 gives w_low to the first 10 of 50 steps
     assert torch.all(w[:, early] == 1.0) and torch.all(w[:, ~early] == 5.0)
     for thres, n in ((900, 5), (700, 15)):
         w = explore.guidance_scales(SD_TIMESTEPS, 1, 5.0, ExploreConfig(t_thres=thres, w_low=0.0), True)
