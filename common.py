@@ -336,6 +336,3 @@ def every(n: int, i: int, last: bool = False) -> bool:
 def fmt(x: float) -> str:
     return f"{x:.3g}" if x == 0 or 1e-3 <= abs(x) < 1e4 else f"{x:.1e}"
 
-
-def isfinite(x) -> bool:
-    return math.isfinite(float(x))
