@@ -96,7 +96,7 @@ BASE = Config()
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy")  # shipped with the repo
 PRESETS = {
     "tiny": ("Offline tiny random model, brightness reward, a few epochs on a CPU (see README: why not JPEG).", dataclasses.replace(
-        BASE, name="ddpo-tiny", model="tiny", num_epochs=10,
+        BASE, name="ddpo-tiny", model="tiny", num_epochs=7,
         sample=SampleConfig(num_steps=10, batch_size=8, num_batches=4),
         train=TrainConfig(batch_size=8, updates_per_epoch=4, timesteps_per_forward=10, lr=1e-2, clip_range=0.1, min_count=4),
         explore=ExploreConfig(t_thres=700), reward=RewardConfig(name="brightness"), lora=LoRAConfig(alpha=16.0),
