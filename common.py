@@ -96,6 +96,48 @@ def barrier(world_size: int):
         dist.barrier()
 
 
+# -----------------------------------------------------------------------------
+# Precision: frozen weights in the compute dtype (load_models), LoRA weights and optimizer state in
+# float32 (lora.py), one autocast context around the models' forward passes, and for float16 a gradient
+# scaler: small LoRA gradients underflow float16 unless the loss is scaled up before backward.
+
+class Precision:
+    def __init__(self, device: str, dtype: torch.dtype):
+        self.device_type, self.dtype = torch.device(device).type, dtype
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
+
+    def autocast(self):
+        """Runs the float32 LoRA layers (and anything else in float32) in the compute dtype; off for float32."""
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def backward(self, loss: torch.Tensor):
+        self.scaler.scale(loss).backward()  # loss * scale under float16, the loss itself otherwise
+
+    def step(self, optimizer, params, max_grad_norm: float, world_size: int, where: str) -> float:
+        """Averages gradients over processes, unscales, clips, steps, zeroes. -> the gradient norm.
+        A non-finite gradient stops the run (FloatingPointError), with one exception: under float16 the
+        scaler starts at a large scale (2^16) and finds a workable one by overflowing. Such a step is
+        skipped (the scaler halves its scale), and its norm returned as NaN: the trainers log such steps as
+        skipped_steps. At a scale of 1 or less an overflow is not the scaling's doing, so that stops the run."""
+        average_gradients(params, world_size)
+        self.scaler.unscale_(optimizer)  # a no-op when disabled
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        finite = bool(torch.isfinite(grad_norm))
+        if not finite and not (self.scaler.is_enabled() and self.scaler.get_scale() > 1):
+            raise FloatingPointError(f"{where}: non-finite gradient norm.")
+        self.scaler.step(optimizer)  # skips optimizer.step() when the unscaled gradients are not finite
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm.item() if finite else float("nan")
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()  # empty unless float16
+
+    def load_state_dict(self, state: dict | None):
+        if self.scaler.is_enabled() and state:  # None: a checkpoint without it; {}: saved without float16
+            self.scaler.load_state_dict(state)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 0  # epochs between held-out evaluations with plain prompts and w_high (0: never)

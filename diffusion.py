@@ -1,9 +1,9 @@
 """
 Shared diffusion code for both trainers (the equivalent of nanoGPT's model.py).
 
-    models = load_models("tiny")                         # or "sd15", "sd15-random", a local folder
+    models = load_models("tiny")                         # or "sd15", "sdxl", "tiny-sdxl", a local folder, ...
     prompts = load_prompts("animals")                    # list[Prompt(text, phrases)]
-    cond, positions = encode_prompts(models, prompts)    # (B, 77, D), phrase token positions
+    cond, positions = encode_prompts(models, prompts)    # (B, 77, D) (SDXL: (B, 78, D)), phrase token positions
     traj = sample(models, cond, uncond, guidance, num_steps=50, eta=1.0, generator=g)
 
 Sections: model loading | prompt sets | prompt encoding | the DDIM step with log-prob | sampling.
@@ -27,7 +27,8 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 # Model loading
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-MODEL_NAMES = ("tiny", "sd15", "sd15-random")  # or any local diffusers folder / hub id
+SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+MODEL_NAMES = ("tiny", "sd15", "sd15-random", "tiny-sdxl", "sdxl", "sdxl-random")  # or a local diffusers folder / hub id
 PROMPT_LENGTH = 77  # CLIP's context length, padded to it as Stable Diffusion does
 
 # Stable Diffusion v1.5's scheduler config (scheduler/scheduler_config.json of the hub repo).
@@ -67,17 +68,54 @@ TINY_TEXT = dict(
     max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32,
     bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
 )
+# Full-size SDXL base architecture (stabilityai/stable-diffusion-xl-base-1.0's configs). Two text
+# encoders: CLIP ViT-L's text tower (as SD v1.5's) and OpenCLIP ViT-bigG's (with its projection, whose
+# pooled output conditions the UNet), their states concatenated: 768 + 1280 = cross_attention_dim 2048.
+# addition_embed_type "text_time": the UNet also takes the pooled embedding (1280) and 6 size / crop
+# "micro-conditioning" numbers, each embedded in 256 dims: 1280 + 6 * 256 = 2816.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)  # overflows in float16
+SDXL_TEXT_2 = dict(  # OpenCLIP ViT-bigG/14's text tower, with its projection
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+)
+# Tiny SDXL: the same architecture family at the tiny size (latents 4x16x16, images 32x32); two 32-wide
+# text encoders (cross_attention_dim 64), pooled projection 32, 8-dim time embeddings: 32 + 6 * 8 = 80.
+TINY_SDXL_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=64,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,
+)
+TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025, force_upcast=True)
+TINY_SDXL_TEXT_2 = dict(TINY_TEXT, hidden_act="gelu", pad_token_id=0)
 
 
 @dataclass
 class Models:
-    """Everything a text-to-image diffusion model needs. vae is None for a pixel-space model."""
+    """Everything a text-to-image diffusion model needs. vae is None for a pixel-space model;
+    text_encoder_2 and tokenizer_2 are SDXL's second text encoder (None for SD v1.5-style models)."""
     unet: nn.Module
     text_encoder: nn.Module
     tokenizer: object
     scheduler: object  # a diffusers DDIMScheduler: we read its alphas_cumprod and timesteps
     vae: nn.Module | None
     name: str
+    text_encoder_2: nn.Module | None = None
+    tokenizer_2: object = None
+
+    @property
+    def is_sdxl(self):
+        return self.text_encoder_2 is not None
 
     @property
     def device(self):
@@ -118,72 +156,94 @@ def _clip_tokenizer_folder():
     return folder
 
 
-def build_clip_tokenizer():
-    """The real CLIP BPE tokenizer (same ids as SD v1.5's, pad = <|endoftext|> = 49407), offline."""
+def build_clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """The real CLIP BPE tokenizer, offline. pad_token: SD v1.5's and SDXL's first tokenizer pad with
+    <|endoftext|> (49407), SDXL's second with "!" (id 0); the ids of the prompt itself are the same."""
     from transformers import CLIPTokenizer
     return CLIPTokenizer.from_pretrained(
-        _clip_tokenizer_folder(), model_max_length=PROMPT_LENGTH, pad_token="<|endoftext|>",
+        _clip_tokenizer_folder(), model_max_length=PROMPT_LENGTH, pad_token=pad_token,
         bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
     )
 
 
-def _random_models(name, unet_cfg, vae_cfg, text_cfg, seed):
-    """Builds the architectures from configs with seeded random weights, touching no global RNG."""
+def _random_models(name, unet_cfg, vae_cfg, text_cfg, seed, text_2_cfg=None):
+    """Builds the architectures from configs with seeded random weights, touching no global RNG.
+    text_2_cfg: SDXL's second text encoder (a CLIPTextModelWithProjection)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(**vae_cfg)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    return Models(unet, text_encoder, build_clip_tokenizer(), DDIMScheduler(**SD15_SCHEDULER), vae, name)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_2_cfg)) if text_2_cfg else None
+    tokenizer_2 = build_clip_tokenizer(pad_token="!") if text_2_cfg else None
+    # SDXL base's scheduler config has the same betas, offset and spacing as SD v1.5's
+    return Models(unet, text_encoder, build_clip_tokenizer(), DDIMScheduler(**SD15_SCHEDULER), vae, name,
+                  text_encoder_2, tokenizer_2)
 
 
-def _pretrained_models(source):
-    """Loads a diffusers folder (local or hub). A folder without vae/ is a pixel-space model."""
+def _pretrained_models(source, flag=None):
+    """Loads a diffusers folder (local or hub). A folder without vae/ is a pixel-space model; a model
+    whose UNet takes SDXL's "text_time" conditioning (an SDXL folder, with text_encoder_2/) loads as SDXL."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-    is_local = os.path.isdir(source)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    is_local, flag = os.path.isdir(source), flag or source
+    text_encoder_2 = tokenizer_2 = None
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")
+        if unet.config.addition_embed_type == "text_time":
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2")
+            tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")
+        scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")  # SDXL ships Euler's config: same betas
         has_vae = os.path.isdir(os.path.join(source, "vae")) if is_local else True
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae") if has_vae else None
     except (OSError, ValueError) as e:
         if is_local:
-            raise RuntimeError(f"--model {source}: could not load the diffusers folder ({e}). It needs "
-                               "unet/, text_encoder/, tokenizer/, scheduler/ and (latent models) vae/.") from e
+            raise RuntimeError(f"--model {flag}: could not load the diffusers folder ({e}). It needs unet/, "
+                               "text_encoder/, tokenizer/, scheduler/, (latent models) vae/ and (SDXL) "
+                               "text_encoder_2/ and tokenizer_2/.") from e
         raise RuntimeError(
-            f"--model {source}: could not download '{source}' from the Hugging Face hub ({type(e).__name__}). "
+            f"--model {flag}: could not download '{source}' from the Hugging Face hub ({type(e).__name__}). "
             "If this machine is offline, download the model elsewhere (e.g. `huggingface-cli download "
-            f"{source} --local-dir DIR`) and pass --model DIR, or use --model tiny for the offline model.") from e
-    return Models(unet, text_encoder, tokenizer, scheduler, vae, source)
+            f"{source} --local-dir DIR`) and pass --model DIR, or use --model tiny (--model tiny-sdxl) for the "
+            "offline model.") from e
+    return Models(unet, text_encoder, tokenizer, scheduler, vae, source, text_encoder_2, tokenizer_2)
 
 
 def load_models(name: str = "tiny", device="cpu", dtype=torch.float32, seed: int = 0) -> Models:
     """name: 'tiny' (offline, random), 'sd15' (hub weights), 'sd15-random' (full-size SD v1.5
-    architecture with random weights, no download), a local diffusers folder, or a hub id.
-    Frozen weights are put on `device` in `dtype`, in eval mode, with requires_grad False."""
+    architecture with random weights, no download), 'tiny-sdxl', 'sdxl', 'sdxl-random' (the same for
+    SDXL base), a local diffusers folder, or a hub id.
+    Frozen weights are put on `device` in `dtype`, in eval mode, with requires_grad False; except that a
+    VAE whose config sets force_upcast (SDXL's, whose activations overflow float16) stays in float32
+    when `dtype` is float16, as diffusers' SDXL pipeline upcasts it (see `decode`)."""
     if name == "tiny":
         models = _random_models(name, TINY_UNET, TINY_VAE, TINY_TEXT, seed)
     elif name == "sd15-random":
         models = _random_models(name, SD15_UNET, SD15_VAE, SD15_TEXT, seed)
     elif name == "sd15":
         models = _pretrained_models(SD15_HUB_ID)
-    elif name.startswith("sdxl"):
-        raise NotImplementedError("--model sdxl: SDXL support is not implemented yet.")
+    elif name == "tiny-sdxl":
+        models = _random_models(name, TINY_SDXL_UNET, TINY_SDXL_VAE, TINY_TEXT, seed, TINY_SDXL_TEXT_2)
+    elif name == "sdxl-random":
+        models = _random_models(name, SDXL_UNET, SDXL_VAE, SD15_TEXT, seed, SDXL_TEXT_2)
+    elif name == "sdxl":
+        models = _pretrained_models(SDXL_HUB_ID, flag="sdxl")
     elif os.path.isdir(name) or (name.count("/") == 1 and not name.startswith((".", "/"))):
         models = _pretrained_models(name)  # a local folder, or something that looks like a hub id
     else:
         raise ValueError(f"--model {name!r}: not a known model name ({', '.join(MODEL_NAMES)}), not an existing "
                          "folder, and not a hub id of the form owner/name.")
-    for m in (models.unet, models.text_encoder, models.vae):
+    for m in (models.unet, models.text_encoder, models.text_encoder_2, models.vae):
         if m is not None:
             m.to(device).eval().requires_grad_(False)
-            if next(m.parameters()).dtype != dtype:
-                m.to(dtype=dtype)
+            upcast = m is models.vae and dtype == torch.float16 and m.config.get("force_upcast", False)
+            target = torch.float32 if upcast else dtype
+            if next(m.parameters()).dtype != target:
+                m.to(dtype=target)
     return models
 
 
@@ -282,14 +342,73 @@ def phrase_positions(tokenizer, prompt: Prompt) -> list[list[int]]:
 
 @torch.no_grad()
 def encode_text(models: Models, texts: list[str]) -> torch.Tensor:
+    """-> (B, 77, D): the text encoder's last hidden states, as Stable Diffusion v1.5 uses them; for SDXL
+    (B, 78, D): the token states of both encoders and the pooled embedding, packed (see pack_sdxl)."""
     ids = tokenize(models.tokenizer, texts).to(models.device)
-    return models.text_encoder(ids)[0]  # (B, 77, D) last hidden states, as Stable Diffusion uses them
+    if not models.is_sdxl:
+        return models.text_encoder(ids)[0]
+    # As diffusers' StableDiffusionXLPipeline.encode_prompt: the PENULTIMATE hidden states of both encoders,
+    # concatenated on the feature dim (768 + 1280), and encoder 2's projected pooled output (1280).
+    ids_2 = tokenize(models.tokenizer_2, texts).to(models.device)
+    out_1 = models.text_encoder(ids, output_hidden_states=True)
+    out_2 = models.text_encoder_2(ids_2, output_hidden_states=True)
+    hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)  # (B, 77, D)
+    pooled = out_2.text_embeds  # (B, P)
+    # SDXL base sets force_zeros_for_empty_prompt: its unconditional embedding is all zeros, not the
+    # encoding of "" (the micro-conditioning stays, as the pipeline gives both halves the same time ids)
+    empty = torch.tensor([t == "" for t in texts], device=hidden.device)
+    hidden, pooled = hidden.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
+    return pack_sdxl(hidden, pooled, sdxl_time_ids(models.image_size, len(texts)).to(hidden))
 
 
 def encode_prompts(models: Models, prompts: list[Prompt]):
-    """-> hidden states (B, 77, D) and, per prompt, per phrase, its token positions."""
+    """-> hidden states (B, 77, D) (SDXL: (B, 78, D)) and, per prompt, per phrase, its token positions.
+    For SDXL the positions come from the first tokenizer: both give the same ids up to the padding, and
+    the two encoders' states sit side by side on the feature dim, so weighting a position weights both.
+    One exception, checked: SDXL's second tokenizer (as shipped, and as diffusers uses it) reads "!" as
+    its pad token, so "!!" becomes two tokens there and shifts every later position."""
     positions = [phrase_positions(models.tokenizer, p) for p in prompts]
+    for p, pos in zip(prompts, positions):
+        if models.is_sdxl and phrase_positions(models.tokenizer_2, p) != pos:
+            raise ValueError(f"prompt {p.text!r}: its phrases sit at different token positions in SDXL's two "
+                             "tokenizers (the second reads '!' as padding), so prompt weighting cannot weight "
+                             "both encoders alike; rephrase it without repeated '!'.")
     return encode_text(models, [p.text for p in prompts]), positions
+
+
+# SDXL's extra conditioning, packed. The trainers keep ONE conditioning tensor per sample (it is stored
+# with DDPO's samples, cached per prompt, gathered, weighted by explore.py and passed to the sampler),
+# so SDXL's pooled text embedding and its micro-conditioning travel as one extra row after the 77 token
+# rows: row 77 = [pooled (P), time ids (6), zeros], P + 6 = 1286 <= D = 2048. guided_eps unpacks it into
+# the UNet's added_cond_kwargs. Prompt weighting touches the 77 token rows only.
+
+def sdxl_time_ids(image_size: int, batch_size: int) -> torch.Tensor:
+    """SDXL's micro-conditioning (original h, w, crop top, left, target h, w) = (H, W, 0, 0, H, W),
+    what diffusers' pipeline passes by default: an uncropped image at the resolution sampled. (B, 6)."""
+    return torch.tensor([[image_size, image_size, 0, 0, image_size, image_size]], dtype=torch.float32).expand(batch_size, 6)
+
+
+def pack_sdxl(hidden: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """hidden (B, 77, D), pooled (B, P), time_ids (B, 6) -> (B, 78, D), row 77 = [pooled, time_ids, zeros]."""
+    B, _, D = hidden.shape
+    extra = torch.cat([pooled, time_ids], dim=-1)
+    if extra.shape[-1] > D:
+        raise ValueError(f"SDXL packing: pooled ({pooled.shape[-1]}) + 6 time ids do not fit a row of {D}.")
+    row = torch.zeros(B, 1, D, dtype=hidden.dtype, device=hidden.device)
+    row[:, 0, :extra.shape[-1]] = extra
+    return torch.cat([hidden, row], dim=1)
+
+
+def unpack_cond(unet, cond: torch.Tensor):
+    """-> (encoder_hidden_states (B, 77, D), added_cond_kwargs): None for SD v1.5-style (B, 77, D)
+    conditioning; SDXL's {"text_embeds": pooled (B, P), "time_ids": (B, 6)} for a packed (B, 78, D).
+    P is read off the UNet: its added-embedding input is P + 6 * addition_time_embed_dim wide."""
+    if cond.shape[1] == PROMPT_LENGTH:
+        return cond, None
+    c = unet.config
+    P = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    row = cond[:, PROMPT_LENGTH]
+    return cond[:, :PROMPT_LENGTH], {"text_embeds": row[:, :P], "time_ids": row[:, P:P + 6]}
 
 
 class PromptEncoder:
@@ -355,12 +474,13 @@ def timesteps(models: Models, num_steps: int) -> torch.Tensor:
 
 def guided_eps(unet, x, t, cond, uncond, w):
     """eps_uncond + w * (eps_cond - eps_uncond), cond and uncond in ONE batched UNet call.
-    x (B, C, h, w); t int or (B,); cond (B, 77, D), uncond (B or 1, 77, D); w (B,) guidance scales."""
+    x (B, C, h, w); t int or (B,); cond (B, 77, D) (SDXL: packed, (B, 78, D)), uncond (B or 1, 77 or 78, D);
+    w (B,) guidance scales."""
     B = x.shape[0]
     t = torch.as_tensor(t, device=x.device).expand(B)
     dtype = next(unet.parameters()).dtype
-    emb = torch.cat([uncond.expand(B, -1, -1), cond]).to(dtype)
-    out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=emb).sample
+    emb, added = unpack_cond(unet, torch.cat([uncond.expand(B, -1, -1), cond]).to(dtype))
+    out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=emb, added_cond_kwargs=added).sample
     eps_uncond, eps_cond = out.float().chunk(2)
     return eps_uncond + w.view(B, 1, 1, 1).float() * (eps_cond - eps_uncond)
 
@@ -372,9 +492,12 @@ def step_log_prob(models: Models, x_t, t, x_prev, cond, uncond, w, eta: float, n
 
 
 def decode(models: Models, x0: torch.Tensor) -> torch.Tensor:
-    """Final sample -> images in [0, 1], (B, 3, H, W), float32."""
+    """Final sample -> images in [0, 1], (B, 3, H, W), float32. The VAE runs in its own weights' dtype
+    with autocast off: load_models keeps a force_upcast VAE (SDXL's) in float32 under float16."""
     if models.vae is not None:
-        x0 = models.vae.decode(x0.to(models.dtype) / models.vae.config.scaling_factor).sample
+        vae = models.vae
+        with torch.autocast(x0.device.type, enabled=False):
+            x0 = vae.decode(x0.to(next(vae.parameters()).dtype) / vae.config.scaling_factor).sample
     return (x0.float() / 2 + 0.5).clamp(0, 1)
 
 

@@ -17,6 +17,8 @@ from typing import Annotated
 import torch
 import tyro
 
+from diffusion import PROMPT_LENGTH
+
 
 @dataclass(frozen=True)
 class ExploreConfig:
@@ -68,7 +70,11 @@ def weight_prompts(hidden: torch.Tensor, positions: list[list[list[int]]], cfg: 
     Picks one phrase per sample uniformly, draws w ~ U(weight_low, weight_high), multiplies the hidden
     states at that phrase's positions by w, then (if cfg.rescale) rescales the sample's whole (77, D)
     embedding so its mean equals the unweighted mean.
-    Returns the weighted hidden states (B, 77, D), the chosen phrase index (B,) and the weights (B,)."""
+    SDXL: hidden is (B, 78, D), both encoders' token states side by side on D, so both are weighted at
+    the same positions; row 77 packs the pooled embedding (diffusion.pack_sdxl), which is no token: it
+    is neither weighted nor part of the rescale, and is returned unchanged.
+    Returns the weighted hidden states (B, 77 or 78, D), the chosen phrase index (B,) and the weights (B,)."""
+    hidden, extra = hidden[:, :PROMPT_LENGTH], hidden[:, PROMPT_LENGTH:]
     B = hidden.shape[0]
     n_phrases = torch.tensor([len(p) for p in positions])
     phrase = (torch.rand(B, generator=generator) * n_phrases).long()  # uniform over each prompt's phrases
@@ -84,12 +90,12 @@ def weight_prompts(hidden: torch.Tensor, positions: list[list[list[int]]], cfg: 
         # by any weighting, and dividing by it would only amplify rounding: leave such samples alone.
         safe = new_mean.abs() > 1e-3 * out.abs().mean(dims, keepdim=True)
         out = out * torch.where(safe, old_mean / new_mean, torch.ones_like(new_mean))
-    return out, phrase, weights
+    return torch.cat([out, extra], dim=1), phrase, weights
 
 
 def explore_batch(cfg: ExploreConfig, cond, positions, timesteps, w_high: float, progress: float, generator):
     """Both strategies for one sampling batch at training progress in [0, 1].
-    -> conditional embeddings to sample with (B, 77, D), guidance scales (B, T), phrase weights (B,)
+    -> conditional embeddings to sample with (B, 77 or 78, D), guidance scales (B, T), phrase weights (B,)
     (ones where prompt weighting is off). The trainers store the first two with each sample."""
     schedule_on, weighting_on = active(cfg, progress)
     weights = torch.ones(cond.shape[0])

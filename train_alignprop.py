@@ -8,6 +8,7 @@ Text-to-Image Diffusion Models with Reward Backpropagation"), with DiffExp's exp
     python train_alignprop.py tiny --no-diffexp           # the baseline
     python train_alignprop.py sd15-aesthetic              # SD v1.5, 45 animals, LAION aesthetic, one GPU
     python train_alignprop.py sd15-pickscore --truncation uniform --k-min 1 --k-max 10
+    python train_alignprop.py sdxl-aesthetic              # SDXL base at 1024 px, bfloat16
     torchrun --nproc_per_node=8 train_alignprop.py sd15-aesthetic   # 8 GPUs, the same effective batch
     python train_alignprop.py tiny --resume runs/alignprop-tiny-20260101-120000
 
@@ -67,12 +68,12 @@ class TrainConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = "alignprop"  # run name: the run folder is runs/{name}-{date} unless --run-dir is given
-    model: str = "sd15"  # tiny | sd15 | sd15-random | a local diffusers folder | a hub id
+    model: str = "sd15"  # tiny | sd15 | sd15-random | tiny-sdxl | sdxl | sdxl-random | a local diffusers folder | a hub id
     prompts: str = "animals"  # animals | animal-activities | unseen-animals | drawbench[:Category,...] | file.txt
     num_epochs: int = 100  # planned optimizer steps (exploration runs for the first explore_until of them)
     seed: int = 0
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    dtype: Literal["float32", "bfloat16"] = "float32"  # frozen weights' dtype; LoRA weights stay float32
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # frozen weights and autocast; LoRA stays float32
     compile: bool = False  # torch.compile the UNet (checkpoints are always saved from the uncompiled module)
     run_dir: str = ""  # default: runs/{name}-{date}
     resume: str = ""  # a run folder (its newest checkpoint) or a checkpoint folder
@@ -106,6 +107,19 @@ PRESETS = {
         BASE, name="alignprop-sd15-aesthetic")),
     "sd15-pickscore": ("SD v1.5, 135 animal-activity prompts, PickScore.", dataclasses.replace(
         BASE, name="alignprop-sd15-pickscore", prompts="animal-activities", reward=RewardConfig(name="pickscore"))),
+}
+# SDXL base at 1024 px: the sd15 recipe (128 samples per optimizer step, K = 1, checkpointing) in bfloat16
+# (the 2.6 B-parameter UNet in float32 would double memory and time), micro-batches of 1 trajectory
+# (1024 px latents have 4x the positions of SD v1.5's and the UNet is 3x larger; the decode with gradient
+# runs at 1024 px), and guidance 5.0, diffusers' SDXL default (AlignProp's 7.5 is SD v1.5's).
+# Sized for one 80 GB GPU, not yet measured there.
+SDXL = dataclasses.replace(BASE, model="sdxl", dtype="bfloat16", sample=SampleConfig(guidance_scale=5.0),
+                           train=TrainConfig(batch_size=1))
+PRESETS |= {
+    "sdxl-aesthetic": ("SDXL base, 45 animals, LAION aesthetic; bfloat16, guidance 5.0, micro-batches of 1.", dataclasses.replace(
+        SDXL, name="alignprop-sdxl-aesthetic")),
+    "sdxl-pickscore": ("SDXL base, 135 animal-activity prompts, PickScore; bfloat16, guidance 5.0.", dataclasses.replace(
+        SDXL, name="alignprop-sdxl-pickscore", prompts="animal-activities", reward=RewardConfig(name="pickscore"))),
 }
 
 
@@ -150,6 +164,7 @@ def train(cfg: Config, guard: common.LastGoodState):
     run_dir = common.start_run(cfg) if rank == 0 else common.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name)
 
     models = diffusion.load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
+    precision = common.Precision(device, dtype)
     params = lora.inject(models.unet, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, seed=cfg.seed)
     unet = models.unet  # the uncompiled module: LoRA is saved and loaded through it
     if cfg.compile:
@@ -159,13 +174,14 @@ def train(cfg: Config, guard: common.LastGoodState):
     reward_fn = rewards.make_reward(cfg.reward.name, device=device, dtype=dtype, tiny=cfg.reward.tiny, weights=cfg.reward.weights)
     prompt_set = diffusion.load_prompts(cfg.prompts)
     encode = diffusion.PromptEncoder(models)
-    uncond = diffusion.encode_text(models, [""])  # (1, 77, D); never weighted
+    uncond = diffusion.encode_text(models, [""])  # (1, 77, D) (SDXL: (1, 78, D)); never weighted
     embedder = rewards.clip_image_embedder(device, dtype, cfg.eval.clip_tiny, cfg.eval.clip_weights) if cfg.eval.diversity else None
     heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 else None
     start_epoch, reward_queries = 0, 0
     if cfg.resume:
         state = common.load_checkpoint(cfg.resume, unet)
         optimizer.load_state_dict(state["optimizer"])
+        precision.load_state_dict(state.get("precision"))
         start_epoch, reward_queries = state["epoch"], state["reward_queries"]
         print0(f"resumed from {state['path']} at epoch {start_epoch}")
     metrics = common.Metrics(run_dir, start=start_epoch) if rank == 0 else None
@@ -176,7 +192,8 @@ def train(cfg: Config, guard: common.LastGoodState):
     guard.arm(run_dir, unet, params, rank)
 
     def training_state(epochs_done: int) -> dict:
-        return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict()}
+        return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
+                "precision": precision.state_dict()}
 
     guard.update(start_epoch, training_state(start_epoch))  # what a stop before the first epoch ends saves
     for epoch in range(start_epoch, cfg.num_epochs):
@@ -194,13 +211,14 @@ def train(cfg: Config, guard: common.LastGoodState):
             cond, guidance, _ = explore.explore_batch(cfg.explore, cond, positions, ts, cfg.sample.guidance_scale, progress,
                                                       common.generator(cfg.seed, epoch, m, "explore"))
             k = draw_k(cfg, common.generator(cfg.seed, epoch, m, "truncation"))
-            traj = diffusion.sample(models, cond, uncond, guidance, T, cfg.sample.eta, common.generator(cfg.seed, epoch, m, "noise"),
-                                    grad_last_k=k, checkpointing=cfg.checkpointing)
+            with precision.autocast():
+                traj = diffusion.sample(models, cond, uncond, guidance, T, cfg.sample.eta, common.generator(cfg.seed, epoch, m, "noise"),
+                                        grad_last_k=k, checkpointing=cfg.checkpointing)
             reward = reward_fn(traj.images, [p.text for p in batch_prompts])  # (b,), differentiable
             loss = -reward.mean() if cfg.train.loss == "reward" else (reward - cfg.train.target).abs().mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"epoch {epoch}: non-finite loss (reward {reward.tolist()}).")
-            (loss / len(my_micro)).backward()
+            precision.backward(loss / len(my_micro))
             epoch_rewards.append(reward.detach().float().cpu())
             losses.append(loss.item())
             grad_from.append(traj.grad_from)
@@ -208,12 +226,7 @@ def train(cfg: Config, guard: common.LastGoodState):
             texts += [p.text for p in batch_prompts]
             if embedder:
                 embeddings.append(evaluate.embed_images(last_images, embedder).cpu())
-        common.average_gradients(params, world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"epoch {epoch}: non-finite gradient norm.")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = precision.step(optimizer, params, cfg.train.max_grad_norm, world, f"epoch {epoch}")  # NaN: skipped (float16)
         seconds = time.perf_counter() - t0
         common.assert_in_sync(params, world, f"epoch {epoch}")
 
@@ -228,7 +241,7 @@ def train(cfg: Config, guard: common.LastGoodState):
             continue
         last = epoch == cfg.num_epochs - 1
         record = {"epoch": epoch, "reward_queries": reward_queries, **common.summarize(reward),
-                  "loss": sum(losses) / len(losses), "grad_norm": grad_norm.item(),
+                  "loss": sum(losses) / len(losses), "grad_norm": grad_norm, "skipped_steps": int(grad_norm != grad_norm),
                   "grad_from_step": sum(grad_from) / len(grad_from), "exploring": exploring,
                   "s_step": seconds, "samples_per_s": len(reward) / seconds, "peak_mem_mb": max(g[3] for g in gathered)}
         if embedder:

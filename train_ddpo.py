@@ -7,6 +7,7 @@ Reinforcement Learning"), with DiffExp's exploration (Chae et al., AAAI 2025) on
     python train_ddpo.py tiny --no-diffexp             # the same without exploration (the baseline)
     python train_ddpo.py sd15-aesthetic                # SD v1.5, 45 animals, LAION aesthetic, one GPU
     python train_ddpo.py sd15-pickscore --explore.t-thres 700
+    python train_ddpo.py sdxl-aesthetic                # SDXL base at 1024 px, bfloat16
     torchrun --nproc_per_node=8 train_ddpo.py sd15-aesthetic   # 8 GPUs, the same effective batch
     python train_ddpo.py tiny --resume runs/ddpo-tiny-20260101-120000   # continue a run
     python train_ddpo.py --help                        # presets; `python train_ddpo.py tiny --help`: all flags
@@ -74,12 +75,12 @@ class TrainConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = "ddpo"  # run name: the run folder is runs/{name}-{date} unless --run-dir is given
-    model: str = "sd15"  # tiny | sd15 | sd15-random | a local diffusers folder | a hub id
+    model: str = "sd15"  # tiny | sd15 | sd15-random | tiny-sdxl | sdxl | sdxl-random | a local diffusers folder | a hub id
     prompts: str = "animals"  # animals | animal-activities | unseen-animals | drawbench[:Category,...] | file.txt
     num_epochs: int = 200  # planned epochs (exploration runs for the first explore_until of them)
     seed: int = 0
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    dtype: Literal["float32", "bfloat16"] = "float32"  # frozen weights' dtype; LoRA weights stay float32
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # frozen weights and autocast; LoRA stays float32
     compile: bool = False  # torch.compile the UNet (checkpoints are always saved from the uncompiled module)
     run_dir: str = ""  # default: runs/{name}-{date}
     resume: str = ""  # a run folder (its newest checkpoint) or a checkpoint folder
@@ -111,6 +112,19 @@ PRESETS = {
         BASE, name="ddpo-sd15-aesthetic")),
     "sd15-pickscore": ("SD v1.5, 135 animal-activity prompts, PickScore.", dataclasses.replace(
         BASE, name="ddpo-sd15-pickscore", prompts="animal-activities", reward=RewardConfig(name="pickscore"))),
+}
+# SDXL base at 1024 px: the sd15 recipe (256 samples and 2 optimizer steps per epoch, guidance 5.0, which is
+# also diffusers' SDXL default) in bfloat16 (the 2.6 B-parameter UNet in float32 would double memory and
+# time) and smaller batches: 1024 px latents have 4x the positions of SD v1.5's 512 px ones and the UNet is
+# 3x larger, so sampling batches of 4 and training micro-batches of 1 sample (2 with CFG). Sized for one
+# 80 GB GPU, not yet measured there.
+SDXL = dataclasses.replace(BASE, model="sdxl", dtype="bfloat16", train=TrainConfig(batch_size=1),
+                           sample=SampleConfig(guidance_scale=5.0, batch_size=4, num_batches=64))
+PRESETS |= {
+    "sdxl-aesthetic": ("SDXL base, 45 animals, LAION aesthetic; bfloat16, smaller batches.", dataclasses.replace(
+        SDXL, name="ddpo-sdxl-aesthetic")),
+    "sdxl-pickscore": ("SDXL base, 135 animal-activity prompts, PickScore; bfloat16, smaller batches.", dataclasses.replace(
+        SDXL, name="ddpo-sdxl-pickscore", prompts="animal-activities", reward=RewardConfig(name="pickscore"))),
 }
 
 # -----------------------------------------------------------------------------
@@ -196,6 +210,7 @@ def train(cfg: Config, guard: common.LastGoodState):
     run_dir = common.start_run(cfg) if rank == 0 else common.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name)
 
     models = diffusion.load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
+    precision = common.Precision(device, dtype)
     params = lora.inject(models.unet, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, seed=cfg.seed)
     unet = models.unet  # the uncompiled module: LoRA is saved and loaded through it
     if cfg.compile:
@@ -205,7 +220,7 @@ def train(cfg: Config, guard: common.LastGoodState):
     reward_fn = rewards.make_reward(cfg.reward.name, device=device, dtype=dtype, tiny=cfg.reward.tiny, weights=cfg.reward.weights)
     prompt_set = diffusion.load_prompts(cfg.prompts)
     encode = diffusion.PromptEncoder(models)
-    uncond = diffusion.encode_text(models, [""])  # (1, 77, D); never weighted
+    uncond = diffusion.encode_text(models, [""])  # (1, 77, D) (SDXL: (1, 78, D)); never weighted
     embedder = rewards.clip_image_embedder(device, dtype, cfg.eval.clip_tiny, cfg.eval.clip_weights) if cfg.eval.diversity else None
     heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 else None
     stat_tracker = PerPromptStatTracker(cfg.train.buffer_size, cfg.train.min_count)
@@ -214,6 +229,7 @@ def train(cfg: Config, guard: common.LastGoodState):
         state = common.load_checkpoint(cfg.resume, unet)
         optimizer.load_state_dict(state["optimizer"])
         stat_tracker.load_state_dict(state["stat_tracker"])
+        precision.load_state_dict(state.get("precision"))
         start_epoch, reward_queries = state["epoch"], state["reward_queries"]
         print0(f"resumed from {state['path']} at epoch {start_epoch}")
     metrics = common.Metrics(run_dir, start=start_epoch) if rank == 0 else None
@@ -227,7 +243,7 @@ def train(cfg: Config, guard: common.LastGoodState):
 
     def training_state(epochs_done: int) -> dict:
         return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
-                "stat_tracker": stat_tracker.state_dict()}
+                "stat_tracker": stat_tracker.state_dict(), "precision": precision.state_dict()}
     n_local = len(my_batches) * cfg.sample.batch_size
     accum_local = grad_accum // world
 
@@ -248,7 +264,7 @@ def train(cfg: Config, guard: common.LastGoodState):
             ts = diffusion.timesteps(models, T)
             cond, guidance, _ = explore.explore_batch(cfg.explore, cond, positions, ts, cfg.sample.guidance_scale, progress,
                                                       common.generator(cfg.seed, epoch, b, "explore"))
-            with torch.no_grad():
+            with torch.no_grad(), precision.autocast():
                 traj = diffusion.sample(models, cond, uncond, guidance, T, cfg.sample.eta, common.generator(cfg.seed, epoch, b, "noise"))
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, guidance=guidance.to(device), cond=cond,
                                 images=traj.images, prompts=[p.text for p in batch_prompts]))
@@ -300,29 +316,29 @@ def train(cfg: Config, guard: common.LastGoodState):
                     # (sample, step) pairs of this forward: each sample at its next shuffled steps, folded into the batch
                     i = step_order[idx, j: min(j + cfg.train.timesteps_per_forward, train_steps)]  # (b, c)
                     rows, i = idx[:, None].expand_as(i).reshape(-1).to(device), i.reshape(-1).to(device)  # (b*c,)
-                    log_prob = diffusion.step_log_prob(
-                        models, data["latents"][rows, i], timesteps[i], data["latents"][rows, i + 1],
-                        data["cond"][rows], uncond, data["guidance"][rows, i], cfg.sample.eta, T)
+                    with precision.autocast():
+                        log_prob = diffusion.step_log_prob(
+                            models, data["latents"][rows, i], timesteps[i], data["latents"][rows, i + 1],
+                            data["cond"][rows], uncond, data["guidance"][rows, i], cfg.sample.eta, T)
                     loss, ratio, approx_kl, clipfrac = ppo_loss(log_prob, data["log_probs"][rows, i], advantages[rows], cfg.train.clip_range)
+                    if not torch.isfinite(loss):  # checked here: under float16 a non-finite gradient may be the loss scaler's
+                        raise FloatingPointError(f"epoch {epoch}, micro-batch {m}: non-finite loss.")
                     # a mean over b*c transitions, weighted so an optimizer step averages all of its transitions
-                    (loss * (len(i) // len(idx)) / (accum_local * train_steps)).backward()
+                    precision.backward(loss * (len(i) // len(idx)) / (accum_local * train_steps))
                     if inner == 0 and m < accum_local:
                         first_ratio_err = max(first_ratio_err, (ratio.detach() - 1).abs().max().item())
                     stats["loss"].append(loss.item())
                     stats["approx_kl"].append(approx_kl.item())
                     stats["clipfrac"].append(clipfrac.item())
                 if (m + 1) % accum_local == 0:
-                    common.average_gradients(params, world)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                    if not torch.isfinite(grad_norm):
-                        raise FloatingPointError(f"epoch {epoch}, micro-batch {m}: non-finite gradient norm.")
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    stats["grad_norm"].append(grad_norm.item())
+                    stats["grad_norm"].append(precision.step(optimizer, params, cfg.train.max_grad_norm, world,
+                                                             f"epoch {epoch}, micro-batch {m}"))
         t_train = time.perf_counter() - t0
         common.assert_in_sync(params, world, f"epoch {epoch}")
 
         # ---- logging, pictures, checkpoint (process 0)
+        skipped = sum(g != g for g in stats["grad_norm"])  # a NaN norm: a float16 step the loss scaler skipped
+        stats["grad_norm"] = [g for g in stats["grad_norm"] if g == g] or [float("nan")]
         stats = {k: sum(v) / len(v) for k, v in stats.items()}
         if world > 1:  # average the training statistics over processes; the worst ratio error
             stats = {k: sum(s[k] for s in common.all_gather(stats, world)) / world for k in stats}
@@ -330,7 +346,7 @@ def train(cfg: Config, guard: common.LastGoodState):
         if rank == 0:
             last = epoch == cfg.num_epochs - 1
             record = {"epoch": epoch, "reward_queries": reward_queries, **common.summarize(reward), **stats,
-                      "first_ratio_err": first_ratio_err, "exploring": exploring,
+                      "first_ratio_err": first_ratio_err, "skipped_steps": skipped, "exploring": exploring,
                       "s_sample": t_sample, "s_reward": t_reward, "s_train": t_train,
                       "samples_per_s": N / t_sample, "transitions_per_s": N * train_steps * cfg.train.inner_epochs / t_train}
             if embedder:

@@ -309,10 +309,10 @@ def test_local_folder_loads(tiny, tiny_folder):
 
 
 def test_hub_id_offline_error(tmp_path):
-    """Offline, a hub id (and sd15) fails with a RuntimeError naming the id and suggesting --model DIR.
+    """Offline, a hub id (and sd15, sdxl) fails with a RuntimeError naming the id and suggesting --model DIR.
     Runs in a subprocess because huggingface_hub reads HF_HUB_OFFLINE at import; an empty cache."""
     code = ("import diffusion\n"
-            "for name in ('someone/no-such-model', 'sd15'):\n"
+            "for name in ('someone/no-such-model', 'sd15', 'sdxl'):\n"
             "    try:\n"
             "        diffusion.load_models(name)\n"
             "    except RuntimeError as e:\n"
@@ -321,14 +321,9 @@ def test_hub_id_offline_error(tmp_path):
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path), HF_HUB_CACHE=str(tmp_path / "hub"), PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     errors = [line for line in out.stdout.splitlines() if line.startswith("ERROR")]
-    assert len(errors) == 2, out.stdout + out.stderr
-    for line, hub_id in zip(errors, ("someone/no-such-model", diffusion.SD15_HUB_ID)):
+    assert len(errors) == 3, out.stdout + out.stderr
+    for line, hub_id in zip(errors, ("someone/no-such-model", diffusion.SD15_HUB_ID, diffusion.SDXL_HUB_ID)):
         assert hub_id in line and "--model DIR" in line
-
-
-def test_sdxl_not_implemented():
-    with pytest.raises(NotImplementedError, match="sdxl"):
-        load_models("sdxl")
 
 
 def test_sd15_random_architecture():

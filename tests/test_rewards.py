@@ -126,6 +126,19 @@ def test_learned_reward_in_bfloat16():
     assert r.dtype == torch.float32 and torch.isfinite(r).all()
 
 
+@pytest.mark.parametrize("size", [64, 1024])  # a small image, and SDXL's
+def test_learned_rewards_resize_any_image_size(tiny_rewards, size):
+    """Every learned reward resizes its input (clip_preprocess to CLIP's 224; the toy classifier to 32):
+    images of any size score, with gradients."""
+    fns = {**tiny_rewards, "toy-classifier": rewards.make_reward("toy-classifier")}
+    images = random_images(b=2, h=size, w=size).requires_grad_()
+    for name, reward_fn in fns.items():
+        r = reward_fn(images, (TOY_PROMPTS if name.startswith("toy-") else PROMPTS)[:2])
+        assert r.shape == (2,) and torch.isfinite(r).all(), name
+        (grad,) = torch.autograd.grad(r.sum(), images)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
 # -----------------------------------------------------------------------------
 # Aesthetic head and CLIP embedder
 
