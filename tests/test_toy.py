@@ -129,3 +129,32 @@ def test_shipped_model_follows_guidance():
     unguided = reward(toy.sample_toy(models, prompts, 0.0, seed=0), prompts)
     guided = reward(toy.sample_toy(models, prompts, 5.0, seed=0), prompts)
     assert guided.mean() > unguided.mean() + 0.08, (guided.mean(), unguided.mean())
+
+
+@pytest.mark.parametrize("trainer", ["ddpo", "alignprop"])
+def test_one_toy_epoch_of_each_trainer(tmp_path, trainer):
+    """The `toy` preset of each trainer, shrunk to one epoch of 4 DDIM steps and a few samples: the shipped
+    model, the toy prompts and the preset's reward run end to end, and the LoRA weights move."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    import common
+    import lora
+    import train_alignprop
+    import train_ddpo
+    module = train_ddpo if trainer == "ddpo" else train_alignprop
+    cfg = module.PRESETS["toy"][1]
+    if trainer == "ddpo":
+        sample = dataclasses.replace(cfg.sample, num_steps=4, batch_size=4, num_batches=1)
+        train = dataclasses.replace(cfg.train, batch_size=4, updates_per_epoch=1)
+    else:
+        sample = dataclasses.replace(cfg.sample, num_steps=4)
+        train = dataclasses.replace(cfg.train, batch_size=2, total_batch=4)
+    cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"), num_epochs=1, sample=sample, train=train,
+                              **({"k": 4} if trainer == "alignprop" else {}), log=common.LogConfig(grid_every=1, save_every=1))
+    module.main(cfg)
+    record, = common.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    assert record["reward_queries"] == 4 and record["reward_mean"] == record["reward_mean"]  # not NaN
+    path = os.path.join(common.latest_checkpoint(str(tmp_path / "run")), lora.WEIGHT_NAME)
+    assert any(v.abs().max() > 0 for k, v in load_file(path).items() if "lora_B" in k or "lora.up" in k)
