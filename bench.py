@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.flop_counter import FlopCounterMode
 
+import common
 import diffusion
 import lora
 import rewards
@@ -85,7 +86,7 @@ class RewardBench:
 class Config:
     model: str = "tiny"  # tiny | sd15-random (full SD v1.5 architecture, random weights) | a local diffusers folder
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    dtype: Literal["float32", "bfloat16"] = "float32"  # frozen weights' dtype; LoRA weights stay float32 (as the trainers)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # as the trainers' --dtype: frozen weights, autocast, GradScaler (float16)
     threads: int = 0  # CPU threads for torch (0: torch's default, which follows OMP_NUM_THREADS)
     stages: tuple[Stage, ...] = ("sample", "ddpo", "alignprop", "reward")
     burn_in: int = 1  # untimed iterations before each measurement (allocator, kernel selection, caches)
@@ -114,9 +115,10 @@ PRESETS = {
         reward=RewardBench(batch=8, tiny=False))),
 }
 
-# Dense bf16 peak FLOP/s by device name. H100 / H200: the ~790 TFLOP/s that large bf16 matmuls actually
-# reach on these cards (measured), not the data sheet's 989, so MFU reads against what is attainable.
-# A100: the data sheet's 312. Unknown devices and float32 runs get no MFU.
+# Dense bf16 peak FLOP/s by device name, also used for float16 (the same tensor-core rate on these cards).
+# H100 / H200: the ~790 TFLOP/s that large bf16 matmuls actually reach on these cards (measured), not the
+# data sheet's 989, so MFU reads against what is attainable. A100: the data sheet's 312. Unknown devices
+# and float32 runs get no MFU.
 PEAK_BF16_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12}
 
 # -----------------------------------------------------------------------------
@@ -182,7 +184,7 @@ def decode_flops(models: diffusion.Models, batch: int, backward: bool = False) -
 
 
 def peak_flops(device: str, dtype: torch.dtype) -> float | None:
-    if not device.startswith("cuda") or dtype != torch.bfloat16:
+    if not device.startswith("cuda") or dtype not in (torch.bfloat16, torch.float16):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
@@ -214,6 +216,7 @@ class Bench:
     cfg: Config
     device: str
     dtype: torch.dtype
+    precision: common.Precision  # the trainers' autocast / backward / optimizer step
     models: diffusion.Models
     params: list  # LoRA parameters
     optimizer: torch.optim.Optimizer
@@ -253,7 +256,8 @@ def setup(cfg: Config) -> Bench:
     models = diffusion.load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
     params = lora.inject(models.unet, rank=cfg.lora_rank, alpha=cfg.lora_rank, seed=cfg.seed)  # as the trainers: LoRA on from the start
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    return Bench(cfg, device, dtype, models, params, optimizer, diffusion.encode_text(models, [""]), [])
+    return Bench(cfg, device, dtype, common.Precision(device, dtype), models, params, optimizer,
+                 diffusion.encode_text(models, [""]), [])
 
 
 # -----------------------------------------------------------------------------
@@ -268,7 +272,7 @@ def bench_sample(b: Bench):
     models.unet.eval()
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), b.precision.autocast():
             diffusion.sample(models, cond, b.uncond, s.guidance_scale, s.num_steps, s.eta, g)
 
     seconds = timeit(run, b.device, b.cfg.burn_in, b.cfg.iters)
@@ -284,7 +288,7 @@ def bench_ddpo(b: Bench):
     T, B = s.num_steps, d.batch
     cond = b.conditioning(B)
     g = torch.Generator().manual_seed(b.cfg.seed)
-    with torch.no_grad():  # real trajectories to re-score (the LoRA starts at zero, so the ratio starts at 1)
+    with torch.no_grad(), b.precision.autocast():  # real trajectories to re-score (LoRA B = 0: the ratio starts at 1)
         traj = diffusion.sample(models, cond, b.uncond, s.guidance_scale, T, s.eta, g, decode_images=False)
     timesteps = traj.timesteps.to(b.device)
     guidance = torch.full((B, T), s.guidance_scale, device=b.device)
@@ -300,13 +304,12 @@ def bench_ddpo(b: Bench):
             for j in range(0, T, tpf):
                 i = step_order[:, j:j + tpf]  # (B, c)
                 rows, i = idx[:, None].expand_as(i).reshape(-1).to(b.device), i.reshape(-1).to(b.device)  # (B*c,)
-                log_prob = diffusion.step_log_prob(models, traj.latents[rows, i], timesteps[i], traj.latents[rows, i + 1],
-                                                   cond[rows], b.uncond, guidance[rows, i], s.eta, T)
+                with b.precision.autocast():
+                    log_prob = diffusion.step_log_prob(models, traj.latents[rows, i], timesteps[i], traj.latents[rows, i + 1],
+                                                       cond[rows], b.uncond, guidance[rows, i], s.eta, T)
                 loss = ppo_loss(log_prob, traj.log_probs[rows, i], advantages[rows], d.clip_range)[0]
-                (loss * (len(i) // B) / T).backward()
-            torch.nn.utils.clip_grad_norm_(b.params, 1.0)
-            b.optimizer.step()
-            b.optimizer.zero_grad(set_to_none=True)
+                b.precision.backward(loss * (len(i) // B) / T)
+            b.precision.step(b.optimizer, b.params, 1.0, 1, "bench ddpo")
 
         seconds = timeit(update, b.device, b.cfg.burn_in, b.cfg.iters)
         b.emit(f"ddpo update tpf={tpf}", B, T, B * T / seconds, "transitions/s", seconds, flops,
@@ -325,12 +328,11 @@ def alignprop_measure(b: Bench, k: int, checkpointing: bool) -> dict:
     models.unet.train()
 
     def step():
-        traj = diffusion.sample(models, cond, b.uncond, a.guidance_scale, a.num_steps, 0.0, g,
-                                grad_last_k=k, checkpointing=checkpointing)
-        (-reward_fn(traj.images, []).mean()).backward()
-        torch.nn.utils.clip_grad_norm_(b.params, 5.0)
-        b.optimizer.step()
-        b.optimizer.zero_grad(set_to_none=True)
+        with b.precision.autocast():
+            traj = diffusion.sample(models, cond, b.uncond, a.guidance_scale, a.num_steps, 0.0, g,
+                                    grad_last_k=k, checkpointing=checkpointing)
+        b.precision.backward(-reward_fn(traj.images, []).mean())
+        b.precision.step(b.optimizer, b.params, 5.0, 1, "bench alignprop")
 
     cuda = b.device.startswith("cuda")
     if cuda:

@@ -194,7 +194,7 @@ class ScoreConfig:
     grid_prompts: int = 8  # prompts (rows) shown in each image grid
     out: str = "eval"  # output folder
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    dtype: Literal["float32", "bfloat16"] = "float32"  # frozen weights' dtype
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # frozen weights' dtype (the LoRA stays float32)
 
 
 def resolve_checkpoint(spec: str) -> tuple[str, str | None]:
