@@ -118,6 +118,23 @@ def test_tiny_run_raises_the_reward(tmp_path):
     assert last > first + 0.01, [r["reward_mean"] for r in recs]
 
 
+def test_timestep_range_trains_only_those_steps(tmp_path, monkeypatch):
+    """--train.timestep-range 0 0.5 with 4 DDIM steps: every re-scored transition sits at one of the first 2."""
+    import diffusion
+    seen, rescore = [], diffusion.step_log_prob
+
+    def recording(models, x_t, t, *args):
+        seen.extend(torch.as_tensor(t).flatten().tolist())
+        return rescore(models, x_t, t, *args)
+    monkeypatch.setattr(diffusion, "step_log_prob", recording)
+    cfg = small(tmp_path)
+    run_dir = train_ddpo.main(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, timestep_range=(0.0, 0.5))))
+    ts = diffusion.timesteps(diffusion.load_models("tiny"), 4).tolist()
+    n = cfg.sample.batch_size * cfg.sample.num_batches
+    assert sorted(seen) == sorted(ts[:2] * n)  # each sample at each of the first two steps, once
+    assert read(run_dir)[0]["first_ratio_err"] < 1e-5
+
+
 def test_checkpoint_then_resume_equals_uninterrupted(tmp_path):
     full = train_ddpo.main(small(tmp_path / "a", num_epochs=2))
     half = small(tmp_path / "b", num_epochs=2)
@@ -138,6 +155,7 @@ def test_bad_settings_fail_at_start_naming_the_flag(tmp_path):
         (dict(explore=ExploreConfig(w_low=6.0)), "--explore.w-low"),
         (dict(sample=SampleConfig(eta=0.0)), "--sample.eta"),
         (dict(train=TrainConfig(batch_size=3)), "--train.batch-size"),
+        (dict(train=TrainConfig(timestep_range=(0.5, 0.5))), "--train.timestep-range"),
         (dict(prompts=str(tmp_path / "missing.txt")), "missing.txt"),
         (dict(model="no-such-model"), "--model"),
     ]

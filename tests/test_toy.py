@@ -171,5 +171,5 @@ def test_ddpo_gradient_signal_measurement_runs():
     norms = out["step_norms"]
     assert len(norms) == train_ddpo.PRESETS["toy"][1].sample.num_steps and min(norms) > 0
     assert max(range(len(norms)), key=norms.__getitem__) == len(norms) - 2
-    assert [r["direction"] for r in out["rows"]] == ["pathwise", "ddpo"]
+    assert [r["direction"] for r in out["rows"]] == ["pathwise", "ddpo", "ddpo, steps 1-5"]
     assert all(r["plus"] != r["minus"] for r in out["rows"])  # the weights moved, and were put back between
