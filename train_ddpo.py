@@ -200,8 +200,8 @@ def train(cfg: Config, guard: common.LastGoodState):
         raise ValueError(f"--train.timestep-fraction {cfg.train.timestep_fraction}: must lie in (0, 1].")
     T = cfg.sample.num_steps
     start, end = cfg.train.timestep_range
-    trainable = [i for i in range(T) if start <= i / T < end]  # the step indices DDPO trains on
-    if not 0 <= start < end <= 1 or not trainable:
+    trainable = torch.tensor([i for i in range(T) if start <= i / T < end], dtype=torch.long)  # the step indices trained on
+    if not 0 <= start < end <= 1 or len(trainable) == 0:
         raise ValueError(f"--train.timestep-range {start} {end}: needs 0 <= start < end <= 1 and at least one of the "
                          f"{T} steps i with start <= i / {T} < end.")
     rank, world, device = common.init_distributed(cfg.device)
@@ -321,8 +321,7 @@ def train(cfg: Config, guard: common.LastGoodState):
         for inner in range(cfg.train.inner_epochs):
             g = common.generator(cfg.seed, epoch, inner, "train", rank)
             perm = torch.randperm(n_local, generator=g)
-            trainable_t = torch.tensor(trainable)
-            step_order = torch.stack([trainable_t[torch.randperm(len(trainable), generator=g)] for _ in range(n_local)])
+            step_order = torch.stack([trainable[torch.randperm(len(trainable), generator=g)] for _ in range(n_local)])
             for m, idx in enumerate(tqdm(perm.split(cfg.train.batch_size), desc=f"epoch {epoch} training", leave=False, disable=rank != 0)):
                 for j in range(0, train_steps, cfg.train.timesteps_per_forward):
                     # (sample, step) pairs of this forward: each sample at its next shuffled steps, folded into the batch

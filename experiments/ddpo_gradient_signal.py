@@ -61,17 +61,21 @@ def main(cfg: Config):
     def chunks():
         return [torch.arange(i, min(i + cfg.batch, cfg.n)) for i in range(0, cfg.n, cfg.batch)]
 
-    def mean_reward(cond, texts, key, grad=False):
-        total = 0.0
+    def sample_rewards(cond, texts, key, grad=False):
+        """(n,) rewards of samples keyed by `key`; with grad, also backpropagates -(mean reward)."""
+        out = []
         for rows in chunks():
             with torch.set_grad_enabled(grad):
                 traj = diffusion.sample(models, cond[rows], uncond, w, T, eta, common.generator(cfg.seed, key, int(rows[0])),
                                         grad_last_k=T if grad else 0)
-                r = reward_fn(traj.images, [texts[i] for i in rows]).float().sum() / cfg.n
+                r = reward_fn(traj.images, [texts[i] for i in rows]).float()
             if grad:
-                (-r).backward()
-            total += r.item()
-        return total
+                (-r.sum() / cfg.n).backward()
+            out.append(r.detach())
+        return torch.cat(out)
+
+    def norm(d):
+        return torch.sqrt(sum((x ** 2).sum() for x in d)).item()
 
     def take_direction():
         d = [-p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]  # ascent
@@ -80,12 +84,12 @@ def main(cfg: Config):
         return d
 
     eval_cond, eval_texts = draw("eval")
-    base = mean_reward(eval_cond, eval_texts, "eval")
+    base = sample_rewards(eval_cond, eval_texts, "eval").mean().item()
     print(f"{cfg.reward}, N = {cfg.n}: mean reward on the evaluation set {base:.4f}", flush=True)
 
     # pathwise estimate
     cond, texts = draw("pathwise")
-    mean_reward(cond, texts, "pathwise", grad=True)
+    sample_rewards(cond, texts, "pathwise", grad=True)
     directions = {"pathwise": take_direction()}
 
     # DDPO's estimate, step by step
@@ -105,30 +109,25 @@ def main(cfg: Config):
             (-(adv[rows] * lp).sum() / cfg.n).backward()
         g = take_direction()
         per_step.append(g)
-        norms.append(torch.sqrt(sum((x ** 2).sum() for x in g)).item())
-        print(f"  DDPO estimate from step {k} (t = {int(ts[k])}) alone: norm {torch.sqrt(sum((x ** 2).sum() for x in g)):.3e}")
+        norms.append(norm(g))
+        print(f"  DDPO estimate from step {k} (t = {int(ts[k])}) alone: norm {norms[-1]:.3e}")
     directions["ddpo"] = [sum(gs) for gs in zip(*per_step)]
     half = T // 2  # the noisier half of the steps alone: without the steps whose estimates dominate the norm
     directions[f"ddpo, steps 1-{half}"] = [sum(gs) for gs in zip(*per_step[:half])]
 
     print("| direction | h | r(+h) | r(-h) | difference ± s.e. |\n|---|---|---|---|---|")
     for name, d in directions.items():
-        norm = torch.sqrt(sum((x ** 2).sum() for x in d))
+        size = norm(d)
         for h in cfg.steps:
             out = []
             for sign in (1, -1):
                 with torch.no_grad():
                     for p, x in zip(params, d):
-                        p.add_(sign * h * x / norm)
-                scores = []
-                for rows in chunks():
-                    with torch.no_grad():
-                        traj = diffusion.sample(models, eval_cond[rows], uncond, w, T, eta, common.generator(cfg.seed, "eval", int(rows[0])))
-                    scores.append(reward_fn(traj.images, [eval_texts[i] for i in rows]).float())
-                out.append(torch.cat(scores))
+                        p.add_(sign * h * x / size)
+                out.append(sample_rewards(eval_cond, eval_texts, "eval"))
                 with torch.no_grad():
                     for p, x in zip(params, d):
-                        p.sub_(sign * h * x / norm)
+                        p.sub_(sign * h * x / size)
             diff = out[0] - out[1]
             rows_out.append(dict(direction=name, h=h, plus=out[0].mean().item(), minus=out[1].mean().item(),
                                  diff=diff.mean().item(), sem=(diff.std() / cfg.n ** 0.5).item()))
