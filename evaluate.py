@@ -401,7 +401,8 @@ class CompareConfig:
 
 
 def parse_groups(specs: tuple[str, ...]) -> dict[str, list[str]]:
-    """('diffexp=runs/a*,runs/b', ...) -> {'diffexp': [run folders]}; globs expanded, in sorted order."""
+    """('diffexp=runs/a*,runs/b', ...) -> {'diffexp': [run folders]}; globs expanded to the folders they
+    match (a log file beside the run folders, runs/a-s0.log, is skipped), in sorted order."""
     groups = {}
     for spec in specs:
         label, sep, patterns = spec.partition("=")
@@ -411,7 +412,7 @@ def parse_groups(specs: tuple[str, ...]) -> dict[str, list[str]]:
             raise ValueError(f"--groups: label {label!r} appears twice.")
         runs = []
         for pattern in patterns.split(","):
-            found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            found = sorted(filter(os.path.isdir, glob.glob(pattern))) if glob.has_magic(pattern) else [pattern]
             if not found:
                 raise FileNotFoundError(f"--groups {label}: the pattern {pattern!r} matches no run folder.")
             runs += found

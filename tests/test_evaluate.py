@@ -183,6 +183,7 @@ def linear_runs(tmp_path):
 
 def test_compare_finds_the_known_queries_to_threshold(linear_runs, tmp_path):
     out = tmp_path / "cmp.png"
+    (linear_runs / "dx-a.log").write_text("a training log beside its run folder: the glob skips it\n")
     summary = evaluate.main(["compare", "--groups", f"diffexp={linear_runs}/dx-*",
                              f"baseline={linear_runs}/base-a,{linear_runs}/base-b", "--out", str(out)])
     # r0 = -5 + 0.1, r_final = -5 + 1.0: threshold = r0 + 0.9 * 0.9 = -5 + 0.91
@@ -190,7 +191,8 @@ def test_compare_finds_the_known_queries_to_threshold(linear_runs, tmp_path):
     base, dx = summary["groups"]["baseline"], summary["groups"]["diffexp"]
     assert base["queries_to_threshold"] == pytest.approx(910)
     assert dx["queries_to_threshold"] == pytest.approx(455)
-    assert dx["queries_to_threshold_per_run"] == pytest.approx([405, 505])  # offsets +0.1, -0.1
+    assert dx["queries_to_threshold_per_run"] == pytest.approx([405, 505])  # offsets +0.1, -0.1; not the .log
+    assert dx["runs"] == [str(linear_runs / "dx-a"), str(linear_runs / "dx-b")]
     assert dx["speedup"] == pytest.approx(2.0)
     assert dx["final_mean"] == pytest.approx(-3.0) and dx["final_std"] == pytest.approx(0.2 / math.sqrt(2))
     assert out.stat().st_size > 0
