@@ -103,7 +103,7 @@ PRESETS = {
         train=TrainConfig(batch_size=8, updates_per_epoch=4, timesteps_per_forward=10, lr=1e-2, clip_range=0.1, min_count=4),
         explore=ExploreConfig(t_thres=700), reward=RewardConfig(name="brightness"), lora=LoRAConfig(alpha=16.0),
         log=LogConfig(grid_every=5, save_every=5), eval=EvalConfig(clip_tiny=True))),
-    "toy": ("The toy shapes world with AlignProp's toy reward: the first 5 of 10 steps trained, 256 samples per update (~12 min on one CPU core).", dataclasses.replace(
+    "toy": ("The toy shapes world with AlignProp's toy reward: the first 5 of 10 steps trained, 256 samples per update (~7.5 min on 2 CPU cores).", dataclasses.replace(
         # The same world, prompts, reward and DDIM steps as train_alignprop.py's toy preset. Two settings make
         # DDPO learn here (experiments.md, section 5): only the noisier first half of the steps is trained (the
         # late steps' log-prob gradients are large and carry no reward information), and each optimizer step
