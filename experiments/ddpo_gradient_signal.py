@@ -12,7 +12,7 @@ set (the same prompts, initial noise and step noise on both sides): r(theta + h 
 The same for DDPO's estimate from the first (noisier) half of the steps alone. Also printed: the norm
 of DDPO's estimate from each step alone, which shows which steps dominate it.
 
-    python experiments/ddpo_gradient_signal.py --n 384          # about 15 minutes on 2 CPU cores
+    python experiments/ddpo_gradient_signal.py --n 384          # about 20 minutes on 2 CPU cores
 """
 
 import os
@@ -129,10 +129,10 @@ def main(cfg: Config):
                     for p, x in zip(params, d):
                         p.sub_(sign * h * x / size)
             diff = out[0] - out[1]
-            rows_out.append(dict(direction=name, h=h, plus=out[0].mean().item(), minus=out[1].mean().item(),
-                                 diff=diff.mean().item(), sem=(diff.std() / cfg.n ** 0.5).item()))
-            print(f"| {name} | {h} | {out[0].mean():.3f} | {out[1].mean():.3f} | {diff.mean():+.3f} ± {diff.std() / cfg.n ** 0.5:.3f} |",
-                  flush=True)
+            row = dict(direction=name, h=h, plus=out[0].mean().item(), minus=out[1].mean().item(),
+                       diff=diff.mean().item(), sem=(diff.std() / cfg.n ** 0.5).item())
+            rows_out.append(row)
+            print(f"| {name} | {h} | {row['plus']:.3f} | {row['minus']:.3f} | {row['diff']:+.3f} ± {row['sem']:.3f} |", flush=True)
     return {"base": base, "step_norms": norms, "rows": rows_out}
 
 
