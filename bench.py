@@ -14,7 +14,8 @@ steps, resolution, value, unit, seconds (the median of the timed iterations, for
 for the UNet stages, flops (per iteration) and mfu (null where the device's peak is unknown, e.g. a CPU).
 A table of all of them follows at the end.
 
-Memory (AlignProp): on CUDA, torch.cuda.max_memory_allocated after a reset (weights included); on a CPU
+Memory (AlignProp; DDPO on CUDA only): on CUDA, torch.cuda.max_memory_allocated after a reset (weights
+included), and running out of memory is reported as a result (error "out of memory"); on a CPU
 (Linux), each configuration runs in its own subprocess, which resets its peak resident set size after
 set-up and reports it after the steps (VmHWM, what ru_maxrss reads), so neither the set-up's peak nor
 another configuration's memory hides the step's. `memory_mb - baseline_mb` is what the step adds.
@@ -92,6 +93,7 @@ class Config:
     burn_in: int = 1  # untimed iterations before each measurement (allocator, kernel selection, caches)
     iters: int = 3  # timed iterations per measurement; the median is reported
     lora_rank: int = 4  # LoRA on the UNet's attention projections, as the trainers' default
+    compile: bool = False  # torch.compile the UNet, as the trainers' --compile (FLOPs are counted on the uncompiled one)
     seed: int = 0
     out: str = ""  # also append the JSON lines to this file
     sample: SampleBench = SampleBench()
@@ -160,14 +162,15 @@ def unet_call_flops(models: diffusion.Models, cond, uncond, backward: bool = Fal
     B = cond.shape[0]
     x = torch.zeros((B, *models.latent_shape), device=models.device, requires_grad=backward)
     w = torch.full((B,), 5.0, device=models.device)
+    unet = getattr(models.unet, "_orig_mod", models.unet)  # under --compile, the module torch.compile wraps
 
     def call():
         with torch.set_grad_enabled(backward):
-            eps = diffusion.guided_eps(models.unet, x, 999, cond, uncond, w)
+            eps = diffusion.guided_eps(unet, x, 999, cond, uncond, w)
             if backward:
                 eps.sum().backward()
     flops = count_flops(call, str(models.device))
-    models.unet.zero_grad(set_to_none=True)  # the counted backward must not leak into a later step
+    unet.zero_grad(set_to_none=True)  # the counted backward must not leak into a later step
     return flops
 
 
@@ -231,7 +234,7 @@ class Bench:
         """One measurement: a JSON line on stdout and in --out, kept for the table."""
         device_name = torch.cuda.get_device_name(self.device) if self.device.startswith("cuda") else "cpu"
         r = dict(name=name, device=device_name, dtype=self.cfg.dtype, batch=batch, steps=steps,
-                 resolution=self.models.image_size, value=value, unit=unit, seconds=seconds)
+                 resolution=self.models.image_size, value=value, unit=unit, seconds=seconds, compile=self.cfg.compile)
         if self.device == "cpu":
             r["threads"] = torch.get_num_threads()
         if flops is not None:
@@ -256,6 +259,8 @@ def setup(cfg: Config) -> Bench:
     models = diffusion.load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
     params = lora.inject(models.unet, rank=cfg.lora_rank, alpha=cfg.lora_rank, seed=cfg.seed)  # as the trainers: LoRA on from the start
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    if cfg.compile:
+        models = dataclasses.replace(models, unet=torch.compile(models.unet))  # shares the UNet's parameters
     return Bench(cfg, device, dtype, common.Precision(device, dtype), models, params, optimizer,
                  diffusion.encode_text(models, [""]), [])
 
@@ -297,13 +302,14 @@ def bench_ddpo(b: Bench):
     # FLOPs are linear in the rows of a UNet batch, so folding timesteps does not change them: T UNet
     # calls with backward, of B trajectories each (the DDIM step and the loss are elementwise, not counted)
     flops = T * unet_call_flops(models, cond, b.uncond, backward=True)
+    baseline = torch.cuda.memory_allocated() / 2**20 if b.device.startswith("cuda") else None
     for tpf in d.timesteps_per_forward:
         def update():
-            step_order = torch.stack([torch.randperm(T, generator=g) for _ in range(B)])  # (B, T)
-            idx = torch.arange(B)
+            step_order = torch.stack([torch.randperm(T, generator=g) for _ in range(B)]).to(b.device)  # (B, T)
+            idx = torch.arange(B, device=b.device)
             for j in range(0, T, tpf):
                 i = step_order[:, j:j + tpf]  # (B, c)
-                rows, i = idx[:, None].expand_as(i).reshape(-1).to(b.device), i.reshape(-1).to(b.device)  # (B*c,)
+                rows, i = idx[:, None].expand_as(i).reshape(-1), i.reshape(-1)  # (B*c,)
                 with b.precision.autocast():
                     log_prob = diffusion.step_log_prob(models, traj.latents[rows, i], timesteps[i], traj.latents[rows, i + 1],
                                                        cond[rows], b.uncond, guidance[rows, i], s.eta, T)
@@ -311,9 +317,28 @@ def bench_ddpo(b: Bench):
                 b.precision.backward(loss * (len(i) // B) / T)
             b.precision.step(b.optimizer, b.params, 1.0, 1, "bench ddpo")
 
-        seconds = timeit(update, b.device, b.cfg.burn_in, b.cfg.iters)
-        b.emit(f"ddpo update tpf={tpf}", B, T, B * T / seconds, "transitions/s", seconds, flops,
-               timesteps_per_forward=tpf, unet_batch=2 * B * min(tpf, T))
+        seconds, memory, error = cuda_measure(lambda: timeit(update, b.device, b.cfg.burn_in, b.cfg.iters), b)
+        b.emit(f"ddpo update tpf={tpf}", B, T, seconds and B * T / seconds, "transitions/s", seconds, seconds and flops,
+               timesteps_per_forward=tpf, unet_batch=2 * B * min(tpf, T), memory_mb=memory, baseline_mb=baseline, error=error)
+
+
+def cuda_measure(run, b: Bench):
+    """run() -> seconds, on CUDA with its peak memory (torch.cuda.max_memory_allocated after a reset, the
+    weights included) and out-of-memory as a result rather than a crash: -> (seconds, memory MiB, error).
+    On a CPU: (run(), None, None)."""
+    if not b.device.startswith("cuda"):
+        return run(), None, None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        seconds = run()
+    except torch.cuda.OutOfMemoryError:  # e.g. AlignProp's K = all without checkpointing at 512 px
+        seconds = None  # leaving the except block frees the activations its traceback holds
+    if seconds is None:
+        b.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return None, None, "out of memory"
+    return seconds, torch.cuda.max_memory_allocated() / 2**20, None
 
 
 def alignprop_measure(b: Bench, k: int, checkpointing: bool) -> dict:
@@ -334,24 +359,17 @@ def alignprop_measure(b: Bench, k: int, checkpointing: bool) -> dict:
         b.precision.backward(-reward_fn(traj.images, []).mean())
         b.precision.step(b.optimizer, b.params, 5.0, 1, "bench alignprop")
 
-    cuda = b.device.startswith("cuda")
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    if b.device.startswith("cuda"):
         baseline = torch.cuda.memory_allocated() / 2**20
+        seconds, memory, error = cuda_measure(lambda: timeit(step, b.device, b.cfg.burn_in, b.cfg.iters), b)
+        if error:
+            return dict(seconds=None, flops=None, memory_mb=None, baseline_mb=baseline, error=error)
     else:  # the peak of the set-up (imports, model loading) would hide the step's: start the peak afresh
         if not reset_peak_rss():
             raise RuntimeError("bench: peak RSS cannot be reset on this system (/proc/self/clear_refs); use --stages without alignprop.")
         baseline = rss_mb("VmRSS")
-    try:
         seconds = timeit(step, b.device, b.cfg.burn_in, b.cfg.iters)
-    except torch.cuda.OutOfMemoryError:  # a result too (K = all without checkpointing, at 512 px)
-        seconds = None  # leaving the except block frees the activations its traceback holds
-    if seconds is None:
-        b.optimizer.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        return dict(seconds=None, flops=None, memory_mb=None, baseline_mb=baseline, error="out of memory")
-    memory = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb("VmHWM")
+        memory = rss_mb("VmHWM")
     T = a.num_steps
     flops = ((T - k) * unet_call_flops(models, cond, b.uncond) + k * unet_call_flops(models, cond, b.uncond, backward=True)
              + decode_flops(models, a.batch, backward=True))
@@ -467,7 +485,7 @@ def table(records: list[dict]) -> str:
 def main(cfg: Config) -> list[dict]:
     b = setup(cfg)
     where = f"{b.device} ({torch.get_num_threads()} threads)" if b.device == "cpu" else torch.cuda.get_device_name(b.device)
-    print(f"bench: model {cfg.model} on {where}, {cfg.dtype}, torch {torch.__version__}, "
+    print(f"bench: model {cfg.model} on {where}, {cfg.dtype}{', compiled UNet' if cfg.compile else ''}, torch {torch.__version__}, "
           f"burn-in {cfg.burn_in}, median of {cfg.iters} timed iterations", flush=True)
     stages = {"sample": bench_sample, "ddpo": bench_ddpo, "alignprop": bench_alignprop, "reward": bench_reward}
     for stage in cfg.stages:

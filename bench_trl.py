@@ -9,12 +9,14 @@ virtual environment outside the repository, for example:
     /tmp/trl-venv/bin/pip install -r requirements.txt "trl==0.23.1"
     /tmp/trl-venv/bin/python bench_trl.py                     # tiny offline model, CPU, several minutes
     OMP_NUM_THREADS=2 /tmp/trl-venv/bin/python bench_trl.py --threads 2 --out bench-trl.jsonl
-    /tmp/trl-venv/bin/python bench_trl.py --model sd15-random --device cuda --num-steps 50   # one GPU
+    /tmp/trl-venv/bin/python bench_trl.py --model sd15-random --device cuda --dtype bfloat16 --num-steps 20 \
+        --epochs 2 --burn-in 1 --timesteps-per-forward 1 2                                     # one GPU, ~2 min
 
 Both trainers load the same diffusers folder (written here from diffusion.load_models), sample
 num_batches x sample_batch trajectories per epoch with DDIM (eta, steps, guidance as set), score them with
 JPEG compressibility, normalise advantages over the epoch's batch, and run the PPO update over every
-timestep with LoRA rank 4 on the UNet's attention projections, in float32. DiffExp's exploration is off
+timestep with LoRA rank 4 on the UNet's attention projections. The frozen weights are float32, or bfloat16
+with --dtype bfloat16 (trl's mixed_precision "bf16"; the LoRA weights stay float32). DiffExp's exploration is off
 (trl has none). Throughput is taken from wall time per phase of each epoch after `burn_in` epochs:
 samples/s in sampling, transitions/s (samples x steps) in training. train_ddpo.py runs once per
 --timesteps-per-forward value; 1 is trl's batching (one timestep per UNet call).
@@ -27,6 +29,7 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -42,6 +45,7 @@ from explore import ExploreConfig
 class Config:
     model: str = "tiny"  # tiny | sd15-random | a local diffusers folder (both trainers load the same one)
     device: str = "cpu"  # cpu | cuda
+    dtype: Literal["float32", "bfloat16"] = "float32"  # frozen weights' dtype (trl: mixed_precision "no" / "bf16"; LoRA stays float32 in both)
     threads: int = 0  # CPU threads for torch (0: torch's default, which follows OMP_NUM_THREADS)
     epochs: int = 3  # epochs per trainer, the first `burn_in` of them untimed
     burn_in: int = 1
@@ -81,7 +85,7 @@ def run_trl(cfg: Config, folder: str, workdir: str) -> dict:
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
     PartialState()  # trl's pipeline logs through accelerate, which refuses before its state exists
     ddpo_cfg = DDPOConfig(
-        num_epochs=cfg.epochs, seed=cfg.seed, mixed_precision="no", save_freq=10**9, logdir=os.path.join(workdir, "logs"),
+        num_epochs=cfg.epochs, seed=cfg.seed, mixed_precision={"float32": "no", "bfloat16": "bf16"}[cfg.dtype], save_freq=10**9, logdir=os.path.join(workdir, "logs"),
         project_kwargs=dict(project_dir=os.path.join(workdir, "trl")), accelerator_kwargs=dict(cpu=cfg.device == "cpu"),
         sample_num_steps=cfg.num_steps, sample_eta=cfg.eta, sample_guidance_scale=cfg.guidance_scale,
         sample_batch_size=cfg.sample_batch, sample_num_batches_per_epoch=cfg.num_batches,
@@ -119,7 +123,7 @@ def run_ours(cfg: Config, folder: str, workdir: str, tpf: int) -> dict:
     preset = train_ddpo.PRESETS["tiny"][1]
     n = cfg.sample_batch * cfg.num_batches
     ours = dataclasses.replace(
-        preset, name="bench-trl", model=folder, device=cfg.device, seed=cfg.seed, num_epochs=cfg.epochs,
+        preset, name="bench-trl", model=folder, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, num_epochs=cfg.epochs,
         run_dir=os.path.join(workdir, f"ours-tpf{tpf}"), prompts="animals",
         sample=train_ddpo.SampleConfig(num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                                        batch_size=cfg.sample_batch, num_batches=cfg.num_batches),
@@ -137,7 +141,7 @@ def main(cfg: Config) -> list[dict]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     import trl
-    header = dict(model=cfg.model, device=cfg.device, threads=torch.get_num_threads() if cfg.device == "cpu" else None,
+    header = dict(model=cfg.model, device=cfg.device, dtype=cfg.dtype, threads=torch.get_num_threads() if cfg.device == "cpu" else None,
                   torch=torch.__version__, trl=trl.__version__, steps=cfg.num_steps,
                   samples_per_epoch=cfg.sample_batch * cfg.num_batches, train_batch=cfg.train_batch,
                   timed_epochs=cfg.epochs - cfg.burn_in)

@@ -60,7 +60,7 @@ class TrainConfig:
     inner_epochs: int = 1  # passes over each epoch's samples
     timestep_fraction: float = 1.0  # fraction of each trajectory's (shuffled) steps trained on
     timestep_range: tuple[float, float] = (0.0, 1.0)  # train only steps i with start <= i / T < end (0: the noisiest)
-    timesteps_per_forward: int = 1  # timesteps folded into one UNet batch (same gradient; faster on small models)
+    timesteps_per_forward: int = 1  # timesteps folded into one UNet batch (same gradient, N x the activations; README: Benchmarks)
     lr: float = 3e-4  # AdamW learning rate of the LoRA weights
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-4
@@ -321,27 +321,30 @@ def train(cfg: Config, guard: common.LastGoodState):
         first_ratio_err = 0.0  # max |ratio - 1| before the epoch's first optimizer step: 0 if on-policy
         for inner in range(cfg.train.inner_epochs):
             g = common.generator(cfg.seed, epoch, inner, "train", rank)
-            perm = torch.randperm(n_local, generator=g)
-            step_order = torch.stack([trainable[torch.randperm(len(trainable), generator=g)] for _ in range(n_local)])
+            perm = torch.randperm(n_local, generator=g).to(device)  # drawn on the CPU (reproducible), indexed on the device
+            step_order = torch.stack([trainable[torch.randperm(len(trainable), generator=g)] for _ in range(n_local)]).to(device)
             for m, idx in enumerate(tqdm(perm.split(cfg.train.batch_size), desc=f"epoch {epoch} training", leave=False, disable=rank != 0)):
+                read = []  # per forward: loss, approx_kl, clipfrac, max |ratio - 1|, kept on the device
                 for j in range(0, train_steps, cfg.train.timesteps_per_forward):
                     # (sample, step) pairs of this forward: each sample at its next shuffled steps, folded into the batch
                     i = step_order[idx, j: min(j + cfg.train.timesteps_per_forward, train_steps)]  # (b, c)
-                    rows, i = idx[:, None].expand_as(i).reshape(-1).to(device), i.reshape(-1).to(device)  # (b*c,)
+                    rows, i = idx[:, None].expand_as(i).reshape(-1), i.reshape(-1)  # (b*c,)
                     with precision.autocast():
                         log_prob = diffusion.step_log_prob(
                             models, data["latents"][rows, i], timesteps[i], data["latents"][rows, i + 1],
                             data["cond"][rows], uncond, data["guidance"][rows, i], cfg.sample.eta, T)
                     loss, ratio, approx_kl, clipfrac = ppo_loss(log_prob, data["log_probs"][rows, i], advantages[rows], cfg.train.clip_range)
-                    if not torch.isfinite(loss):  # checked here: under float16 a non-finite gradient may be the loss scaler's
-                        raise FloatingPointError(f"epoch {epoch}, micro-batch {m}: non-finite loss.")
                     # a mean over b*c transitions, weighted so an optimizer step averages all of its transitions
                     precision.backward(loss * (len(i) // len(idx)) / (accum_local * train_steps))
-                    if inner == 0 and m < accum_local:
-                        first_ratio_err = max(first_ratio_err, (ratio.detach() - 1).abs().max().item())
-                    stats["loss"].append(loss.item())
-                    stats["approx_kl"].append(approx_kl.item())
-                    stats["clipfrac"].append(clipfrac.item())
+                    read.append(torch.stack([loss.detach(), approx_kl.detach(), clipfrac, (ratio.detach() - 1).abs().max()]).float())
+                # read once per micro-batch: a host-device synchronisation per forward would stall the GPU
+                read = torch.stack(read).cpu()  # (forwards, 4)
+                if not torch.isfinite(read[:, 0]).all():  # checked here: under float16 a non-finite gradient may be the loss scaler's
+                    raise FloatingPointError(f"epoch {epoch}, micro-batch {m}: non-finite loss.")
+                for k, column in zip(("loss", "approx_kl", "clipfrac"), read.T):
+                    stats[k].extend(column.tolist())
+                if inner == 0 and m < accum_local:
+                    first_ratio_err = max(first_ratio_err, read[:, 3].max().item())
                 if (m + 1) % accum_local == 0:
                     stats["grad_norm"].append(precision.step(optimizer, params, cfg.train.max_grad_norm, world,
                                                              f"epoch {epoch}, micro-batch {m}"))

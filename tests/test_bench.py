@@ -30,6 +30,7 @@ def test_tiny_bench_emits_one_json_line_per_measurement(tmp_path, capsys):
         assert math.isfinite(r["value"]) and r["value"] > 0 and r["seconds"] > 0
     for r in lines[:4]:  # the UNet stages: FLOPs counted, no MFU on a CPU
         assert r["flops"] > 0 and r["mfu"] is None
+    assert all(r["memory_mb"] is None and r["error"] is None for r in lines[1:3])  # DDPO: peak memory on CUDA only
     alignprop = lines[3]
     assert alignprop["memory_mb"] >= alignprop["baseline_mb"] > 0 and alignprop["error"] is None
 
@@ -45,3 +46,23 @@ def test_count_flops_includes_attention_on_cpu():
     q = torch.randn(1, 2, 16, 8)  # (B, heads, tokens, head dim)
     flops = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), "cpu")
     assert flops == 2 * (2 * 2 * 16 * 16 * 8)  # QK^T and AV: 2 FLOPs per multiply-add each
+
+
+def test_cuda_measure_reports_out_of_memory_as_a_result(monkeypatch):
+    """On CUDA an out-of-memory step is a measurement ("out of memory"), its gradients freed, not a crash;
+    a step that fits reports its seconds and the peak after a reset. (The CUDA calls are stood in for.)"""
+    calls = []
+    for name in ("empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda name=name: calls.append(name))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**20)
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    b = type("B", (), {"device": "cuda", "optimizer": torch.optim.SGD([p], lr=0.1)})()
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    assert bench.cuda_measure(oom, b) == (None, None, "out of memory")
+    assert p.grad is None and calls == ["empty_cache", "reset_peak_memory_stats", "empty_cache"]
+    assert bench.cuda_measure(lambda: 0.5, b) == (0.5, 3.0, None)
+    b.device = "cpu"
+    assert bench.cuda_measure(lambda: 0.25, b) == (0.25, None, None)

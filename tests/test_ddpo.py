@@ -96,6 +96,17 @@ def test_stat_tracker_buffers_persist_across_epochs_and_are_bounded():
 
 # ---- the trainer end to end
 
+def test_non_finite_loss_stops_the_run_naming_the_micro_batch(tmp_path, monkeypatch):
+    """The PPO statistics are read once per micro-batch (no per-forward host-device sync); a non-finite
+    loss is still caught there, before the optimizer step, and named."""
+    def nan_loss(*args):
+        loss, *rest = ppo_loss(*args)
+        return (loss * float("nan"), *rest)
+    monkeypatch.setattr(train_ddpo, "ppo_loss", nan_loss)
+    with pytest.raises(FloatingPointError, match="epoch 0, micro-batch 0: non-finite loss"):
+        train_ddpo.main(small(tmp_path))
+
+
 @pytest.mark.parametrize("diffexp", [True, False])
 def test_ratio_is_one_before_the_first_update(tmp_path, diffexp):
     """Stored log-probs are re-scored exactly: with exploration (weighted embeddings, w_low steps) and without."""
