@@ -59,6 +59,7 @@ class Config:
     lr: float = 3e-4
     clip_range: float = 1e-4
     timesteps_per_forward: tuple[int, ...] = (1, 10)  # train_ddpo.py runs, one per value
+    compile: bool = False  # train_ddpo.py's --compile (trl has no such option); compiling falls in the burn-in epochs
     seed: int = 0
     out: str = ""  # also append the JSON lines to this file
 
@@ -123,7 +124,7 @@ def run_ours(cfg: Config, folder: str, workdir: str, tpf: int) -> dict:
     preset = train_ddpo.PRESETS["tiny"][1]
     n = cfg.sample_batch * cfg.num_batches
     ours = dataclasses.replace(
-        preset, name="bench-trl", model=folder, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, num_epochs=cfg.epochs,
+        preset, name="bench-trl", model=folder, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, seed=cfg.seed, num_epochs=cfg.epochs,
         run_dir=os.path.join(workdir, f"ours-tpf{tpf}"), prompts="animals",
         sample=train_ddpo.SampleConfig(num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                                        batch_size=cfg.sample_batch, num_batches=cfg.num_batches),
@@ -141,7 +142,7 @@ def main(cfg: Config) -> list[dict]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     import trl
-    header = dict(model=cfg.model, device=cfg.device, dtype=cfg.dtype, threads=torch.get_num_threads() if cfg.device == "cpu" else None,
+    header = dict(model=cfg.model, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, threads=torch.get_num_threads() if cfg.device == "cpu" else None,
                   torch=torch.__version__, trl=trl.__version__, steps=cfg.num_steps,
                   samples_per_epoch=cfg.sample_batch * cfg.num_batches, train_batch=cfg.train_batch,
                   timed_epochs=cfg.epochs - cfg.burn_in)
