@@ -6,6 +6,7 @@ timers, and (for the UNet stages) FLOPs counted once and an MFU estimate.
     python bench.py tiny                                   # tiny offline model on a CPU, about a minute
     OMP_NUM_THREADS=2 python bench.py tiny --threads 2 --out bench-cpu.jsonl
     python bench.py sd15-gpu --out bench-gpu.jsonl         # full-size SD v1.5 architecture, random weights, bf16, one GPU
+    python bench.py sdxl-gpu --out bench-gpu.jsonl         # the same for SDXL base at 1024 px
     python bench.py tiny --stages sample ddpo              # some stages only
     python bench.py tiny --help                            # every flag
 
@@ -115,6 +116,12 @@ PRESETS = {
         ddpo=DDPOBench(batch=4, timesteps_per_forward=(1, 2)),
         alignprop=AlignPropBench(batch=2, num_steps=50),
         reward=RewardBench(batch=8, tiny=False))),
+    "sdxl-gpu": ("Full-size SDXL base architecture (random weights), 1024 px, bf16, one GPU; the trainers' SDXL batch sizes.", Config(
+        model="sdxl-random", device="cuda", dtype="bfloat16", iters=2,
+        sample=SampleBench(batch=4, num_steps=50, guidance_scale=5.0),
+        ddpo=DDPOBench(batch=1, timesteps_per_forward=(1, 2)),
+        alignprop=AlignPropBench(batch=1, num_steps=50, guidance_scale=5.0),
+        reward=RewardBench(batch=4, tiny=False))),
 }
 
 # Dense bf16 peak FLOP/s by device name, also used for float16 (the same tensor-core rate on these cards).

@@ -7,6 +7,7 @@ import math
 import torch
 
 import bench
+import diffusion
 
 FIELDS = ("name", "device", "dtype", "batch", "steps", "resolution", "value", "unit", "seconds")
 
@@ -33,6 +34,20 @@ def test_tiny_bench_emits_one_json_line_per_measurement(tmp_path, capsys):
     assert all(r["memory_mb"] is None and r["error"] is None for r in lines[1:3])  # DDPO: peak memory on CUDA only
     alignprop = lines[3]
     assert alignprop["memory_mb"] >= alignprop["baseline_mb"] > 0 and alignprop["error"] is None
+
+
+def test_sdxl_architecture_runs_every_stage(tmp_path):
+    """The sdxl-gpu preset's code path (two text encoders, packed conditioning, 1024 px on a GPU) on the
+    tiny SDXL model: every stage measures, at the model's resolution, with FLOPs for the UNet stages."""
+    assert bench.PRESETS["sdxl-gpu"][1].model == "sdxl-random"
+    records = bench.main(bench.cli([
+        "tiny", "--model", "tiny-sdxl", "--iters", "1", "--burn-in", "0", "--sample.batch", "2", "--sample.num-steps", "2",
+        "--ddpo.batch", "1", "--ddpo.timesteps-per-forward", "2", "--alignprop.batch", "1", "--alignprop.num-steps", "2",
+        "--alignprop.k", "1", "--alignprop.checkpointing", "True", "--reward.batch", "2", "--reward.names", "aesthetic"]))
+    assert [r["name"] for r in records] == ["sample", "ddpo update tpf=2", "alignprop K=1 ckpt", "reward aesthetic (tiny)"]
+    size = diffusion.load_models("tiny-sdxl").image_size
+    assert all(r["resolution"] == size and math.isfinite(r["value"]) and r["value"] > 0 for r in records)
+    assert all(r["flops"] > 0 for r in records[:3])
 
 
 def test_unet_call_flops_positive_and_deterministic(tiny, cond, uncond):
