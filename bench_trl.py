@@ -86,7 +86,8 @@ def run_trl(cfg: Config, folder: str, workdir: str) -> dict:
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
     PartialState()  # trl's pipeline logs through accelerate, which refuses before its state exists
     ddpo_cfg = DDPOConfig(
-        num_epochs=cfg.epochs, seed=cfg.seed, mixed_precision={"float32": "no", "bfloat16": "bf16"}[cfg.dtype], save_freq=10**9, logdir=os.path.join(workdir, "logs"),
+        num_epochs=cfg.epochs, seed=cfg.seed, mixed_precision={"float32": "no", "bfloat16": "bf16"}[cfg.dtype],
+        save_freq=10**9, logdir=os.path.join(workdir, "logs"),
         project_kwargs=dict(project_dir=os.path.join(workdir, "trl")), accelerator_kwargs=dict(cpu=cfg.device == "cpu"),
         sample_num_steps=cfg.num_steps, sample_eta=cfg.eta, sample_guidance_scale=cfg.guidance_scale,
         sample_batch_size=cfg.sample_batch, sample_num_batches_per_epoch=cfg.num_batches,
@@ -124,7 +125,8 @@ def run_ours(cfg: Config, folder: str, workdir: str, tpf: int) -> dict:
     preset = train_ddpo.PRESETS["tiny"][1]
     n = cfg.sample_batch * cfg.num_batches
     ours = dataclasses.replace(
-        preset, name="bench-trl", model=folder, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, seed=cfg.seed, num_epochs=cfg.epochs,
+        preset, name="bench-trl", model=folder, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, seed=cfg.seed,
+        num_epochs=cfg.epochs,
         run_dir=os.path.join(workdir, f"ours-tpf{tpf}"), prompts="animals",
         sample=train_ddpo.SampleConfig(num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                                        batch_size=cfg.sample_batch, num_batches=cfg.num_batches),
@@ -142,7 +144,8 @@ def main(cfg: Config) -> list[dict]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     import trl
-    header = dict(model=cfg.model, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, threads=torch.get_num_threads() if cfg.device == "cpu" else None,
+    header = dict(model=cfg.model, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile,
+                  threads=torch.get_num_threads() if cfg.device == "cpu" else None,
                   torch=torch.__version__, trl=trl.__version__, steps=cfg.num_steps,
                   samples_per_epoch=cfg.sample_batch * cfg.num_batches, train_batch=cfg.train_batch,
                   timed_epochs=cfg.epochs - cfg.burn_in)
