@@ -429,6 +429,18 @@ class PromptEncoder:
 # The DDIM step with log-prob (Song et al. 2021, "Denoising Diffusion Implicit Models"; as in the
 # DDPO reference implementation, whose clip_range values depend on these exact conventions).
 
+def schedule_on(scheduler, device) -> torch.Tensor:
+    """The scheduler's alphas_cumprod followed by its final_alpha_cumprod, on `device`. Copied there once
+    and kept on the scheduler (until either value or the device changes): a copy from the host at every
+    step would make each step wait for the GPU to finish the one before."""
+    alphas, final, device = scheduler.alphas_cumprod, scheduler.final_alpha_cumprod, torch.device(device)
+    cached = getattr(scheduler, "_schedule_on_device", None)  # (alphas_cumprod, final_alpha_cumprod, the copy)
+    if cached is None or cached[0] is not alphas or cached[1] is not final or cached[2].device != device:
+        cached = (alphas, final, torch.cat([alphas, torch.as_tensor(final, dtype=alphas.dtype).view(1)]).to(device))
+        scheduler._schedule_on_device = cached
+    return cached[2]
+
+
 def ddim_step(scheduler, eps, t, x_t, eta: float, num_steps: int, x_prev=None, generator=None):
     """One DDIM step x_t -> x_prev with its Gaussian log-prob.
     eps: guided noise prediction (B, C, h, w); t: timestep, int or (B,) tensor (samples may sit at
@@ -438,10 +450,9 @@ def ddim_step(scheduler, eps, t, x_t, eta: float, num_steps: int, x_prev=None, g
     B = x_t.shape[0]
     t = torch.as_tensor(t, device=x_t.device).long().expand(B)
     prev_t = t - scheduler.config.num_train_timesteps // num_steps
-    alphas = scheduler.alphas_cumprod.to(x_t.device)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=alphas.dtype, device=x_t.device)
+    alphas = schedule_on(scheduler, x_t.device)  # (1001,): alphas_cumprod, then final_alpha_cumprod
     a_t = alphas[t].view(B, 1, 1, 1)
-    a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final).view(B, 1, 1, 1)
+    a_prev = alphas[torch.where(prev_t >= 0, prev_t, len(alphas) - 1)].view(B, 1, 1, 1)  # before t = 0: the final alpha
     x0_hat = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # eq. (12), "predicted x_0"
     if scheduler.config.clip_sample:  # pixel-space models (the toy world): x_0 lies in [-r, r], as DDPM samples
         r = scheduler.config.clip_sample_range

@@ -324,7 +324,7 @@ def train(cfg: Config, guard: common.LastGoodState):
             perm = torch.randperm(n_local, generator=g).to(device)  # drawn on the CPU (reproducible), indexed on the device
             step_order = torch.stack([trainable[torch.randperm(len(trainable), generator=g)] for _ in range(n_local)]).to(device)
             for m, idx in enumerate(tqdm(perm.split(cfg.train.batch_size), desc=f"epoch {epoch} training", leave=False, disable=rank != 0)):
-                read = []  # per forward: loss, approx_kl, clipfrac, max |ratio - 1|, kept on the device
+                pending = []  # per forward: loss, approx_kl, clipfrac, max |ratio - 1|, kept on the device
                 for j in range(0, train_steps, cfg.train.timesteps_per_forward):
                     # (sample, step) pairs of this forward: each sample at its next shuffled steps, folded into the batch
                     i = step_order[idx, j: min(j + cfg.train.timesteps_per_forward, train_steps)]  # (b, c)
@@ -336,9 +336,9 @@ def train(cfg: Config, guard: common.LastGoodState):
                     loss, ratio, approx_kl, clipfrac = ppo_loss(log_prob, data["log_probs"][rows, i], advantages[rows], cfg.train.clip_range)
                     # a mean over b*c transitions, weighted so an optimizer step averages all of its transitions
                     precision.backward(loss * (len(i) // len(idx)) / (accum_local * train_steps))
-                    read.append(torch.stack([loss.detach(), approx_kl.detach(), clipfrac, (ratio.detach() - 1).abs().max()]).float())
+                    pending.append(torch.stack([loss.detach(), approx_kl.detach(), clipfrac, (ratio.detach() - 1).abs().max()]).float())
                 # read once per micro-batch: a host-device synchronisation per forward would stall the GPU
-                read = torch.stack(read).cpu()  # (forwards, 4)
+                read = torch.stack(pending).cpu()  # (forwards, 4)
                 if not torch.isfinite(read[:, 0]).all():  # checked here: under float16 a non-finite gradient may be the loss scaler's
                     raise FloatingPointError(f"epoch {epoch}, micro-batch {m}: non-finite loss.")
                 for k, column in zip(("loss", "approx_kl", "clipfrac"), read.T):

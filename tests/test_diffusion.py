@@ -89,6 +89,19 @@ def test_ddim_step_final_step_uses_final_alpha_cumprod():
     assert not torch.allclose(clamped[0][:1], mean[:1], atol=1e-4)
 
 
+def test_schedule_on_device_is_copied_once_and_follows_the_scheduler():
+    """The step's schedule is copied to the device once (no host copy per step), not kept once stale."""
+    scheduler = sd15_scheduler()
+    first = diffusion.schedule_on(scheduler, "cpu")
+    assert diffusion.schedule_on(scheduler, "cpu") is first  # reused: nothing copied again
+    torch.testing.assert_close(first, torch.cat([scheduler.alphas_cumprod, scheduler.final_alpha_cumprod.view(1)]))
+    scheduler.final_alpha_cumprod = torch.tensor(0.9999)  # a changed schedule is read again
+    assert diffusion.schedule_on(scheduler, "cpu")[-1].item() == pytest.approx(0.9999)
+    x_t, eps = randn(1, 4, 8, 8, seed=1), randn(1, 4, 8, 8, seed=2)
+    after = ddim_step(scheduler, eps, 1, x_t, 0.0, 50)[0]  # the last step (prev_t < 0) uses the new final alpha
+    torch.testing.assert_close(after.double(), reference_step(scheduler, eps, 1, x_t, 0.0, 50)[0], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("t", [981, 1])
 def test_ddim_step_matches_diffusers(eta, t):
