@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
+from common import ConfigError
+
 # -----------------------------------------------------------------------------
 # Model loading
 
@@ -202,10 +204,10 @@ def _pretrained_models(source, flag=None):
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae") if has_vae else None
     except (OSError, ValueError) as e:
         if is_local:
-            raise RuntimeError(f"--model {flag}: could not load the diffusers folder ({e}). It needs unet/, "
+            raise ConfigError(f"--model {flag}: could not load the diffusers folder ({e}). It needs unet/, "
                                "text_encoder/, tokenizer/, scheduler/, (latent models) vae/ and (SDXL) "
                                "text_encoder_2/ and tokenizer_2/.") from e
-        raise RuntimeError(
+        raise ConfigError(
             f"--model {flag}: could not download '{source}' from the Hugging Face hub ({type(e).__name__}). "
             "If this machine is offline, download the model elsewhere (e.g. `huggingface-cli download "
             f"{source} --local-dir DIR`) and pass --model DIR, or use --model tiny (--model tiny-sdxl) for the "
@@ -235,7 +237,7 @@ def load_models(name: str = "tiny", device="cpu", dtype=torch.float32, seed: int
     elif os.path.isdir(name) or (name.count("/") == 1 and not name.startswith((".", "/"))):
         models = _pretrained_models(name)  # a local folder, or something that looks like a hub id
     else:
-        raise ValueError(f"--model {name!r}: not a known model name ({', '.join(MODEL_NAMES)}), not an existing "
+        raise ConfigError(f"--model {name!r}: not a known model name ({', '.join(MODEL_NAMES)}), not an existing "
                          "folder, and not a hub id of the form owner/name.")
     for m in (models.unet, models.text_encoder, models.text_encoder_2, models.vae):
         if m is not None:
@@ -264,11 +266,11 @@ class Prompt:
 
 def _read_lines(path, what):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: prompt file {path} does not exist.")
+        raise ConfigError(f"{what}: prompt file {path} does not exist.")
     with open(path) as f:
         lines = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     if not lines:
-        raise ValueError(f"{what}: prompt file {path} is empty; it needs one prompt per line.")
+        raise ConfigError(f"{what}: prompt file {path} is empty; it needs one prompt per line.")
     return lines
 
 
@@ -279,7 +281,7 @@ def parse_marked(line: str) -> Prompt:
         before, _, rest = rest.partition("[")
         phrase, closed, rest = rest.partition("]")
         if not closed:
-            raise ValueError(f"unbalanced '[' in prompt {line!r}")
+            raise ConfigError(f"unbalanced '[' in prompt {line!r}")
         text, phrases = text + before + phrase, phrases + [phrase.strip()]
     text += rest
     if not phrases:
@@ -304,19 +306,19 @@ def load_prompts(spec: str = "animals") -> list[Prompt]:
     path = os.path.join(PROMPTS_DIR, "drawbench.csv") if name == "drawbench" else name
     if path.endswith(".csv"):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--prompts {spec}: prompt file {path} does not exist.")
+            raise ConfigError(f"--prompts {spec}: prompt file {path} does not exist.")
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
         wanted = {c.strip().lower() for c in categories.split(",") if c.strip()}
         rows = [r for r in rows if not wanted or r.get("Category", "").lower() in wanted]
         if not rows:
-            raise ValueError(f"--prompts {spec}: no prompts in {path}"
+            raise ConfigError(f"--prompts {spec}: no prompts in {path}"
                              + (f" for categories {sorted(wanted)}" if wanted else "") + ".")
         return [parse_marked(r["Prompts"]) for r in rows]
     ext = os.path.splitext(path)[1]
     if ext == ".txt" or (ext == "" and (os.path.sep in path or os.path.isfile(path))):  # a missing .txt: say so
         return [parse_marked(line) for line in _read_lines(path, f"--prompts {spec}")]
-    raise ValueError(f"--prompts {spec!r}: not a prompt set ({', '.join(PROMPT_SETS)}) nor a .txt/.csv file.")
+    raise ConfigError(f"--prompts {spec!r}: not a prompt set ({', '.join(PROMPT_SETS)}) nor a .txt/.csv file.")
 
 
 # -----------------------------------------------------------------------------
@@ -335,7 +337,7 @@ def phrase_positions(tokenizer, prompt: Prompt) -> list[list[int]]:
         sub = tokenizer(phrase, add_special_tokens=False).input_ids
         starts = [i for i in range(len(ids) - len(sub) + 1) if sub and ids[i:i + len(sub)] == sub]
         if not starts:
-            raise ValueError(f"phrase {phrase!r} is not a token run of prompt {prompt.text!r} (or was truncated).")
+            raise ConfigError(f"phrase {phrase!r} is not a token run of prompt {prompt.text!r} (or was truncated).")
         out.append(list(range(starts[0], starts[0] + len(sub))))
     return out
 
@@ -370,7 +372,7 @@ def encode_prompts(models: Models, prompts: list[Prompt]):
     positions = [phrase_positions(models.tokenizer, p) for p in prompts]
     for p, pos in zip(prompts, positions):
         if models.is_sdxl and phrase_positions(models.tokenizer_2, p) != pos:
-            raise ValueError(f"prompt {p.text!r}: its phrases sit at different token positions in SDXL's two "
+            raise ConfigError(f"prompt {p.text!r}: its phrases sit at different token positions in SDXL's two "
                              "tokenizers (the second reads '!' as padding), so prompt weighting cannot weight "
                              "both encoders alike; rephrase it without repeated '!'.")
     return encode_text(models, [p.text for p in prompts]), positions
@@ -483,17 +485,46 @@ def timesteps(models: Models, num_steps: int) -> torch.Tensor:
     return models.scheduler.timesteps.clone()  # (T,) descending, e.g. 981, 961, ..., 1 for SD and T=50
 
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """x on `device`. A host tensor goes to a GPU through pinned memory, without blocking: a copy from
+    pageable memory may wait for the GPU to finish its queued work."""
+    if x.device.type == "cpu" and torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def guided_eps(unet, x, t, cond, uncond, w):
-    """eps_uncond + w * (eps_cond - eps_uncond), cond and uncond in ONE batched UNet call.
+    """eps_uncond + w * (eps_cond - eps_uncond), the UNet's rows for cond and uncond in ONE batched call.
     x (B, C, h, w); t int or (B,); cond (B, 77, D) (SDXL: packed, (B, 78, D)), uncond (B or 1, 77 or 78, D);
-    w (B,) guidance scales."""
-    B = x.shape[0]
-    t = torch.as_tensor(t, device=x.device).expand(B)
+    w (B,) guidance scales, on the host or on x's device.
+    Only the branches a row needs are run: a row with w exactly 1 gets eps_cond itself (no uncond row is
+    run for it), a row with w exactly 0 eps_uncond itself (no cond row); the others u + w (c - u). When
+    every row needs both (fixed CFG) the call is the 2B-row batch [uncond; cond], as without skipping.
+    Which rows to run is decided on the host: free for a host w (sample passes one), one read from the
+    device per call for a device w (DDPO's re-scoring: the batch size of the call depends on it)."""
+    B, dev = x.shape[0], x.device
+    t = torch.as_tensor(t, device=dev).expand(B)
     dtype = next(unet.parameters()).dtype
-    emb, added = unpack_cond(unet, torch.cat([uncond.expand(B, -1, -1), cond]).to(dtype))
-    out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=emb, added_cond_kwargs=added).sample
-    eps_uncond, eps_cond = out.float().chunk(2)
-    return eps_uncond + w.view(B, 1, 1, 1).float() * (eps_cond - eps_uncond)
+    w_host = w.detach().float().cpu()  # (B,) no copy if on the host already
+    w = to_device(w, dev).float().view(B, 1, 1, 1)
+    need_u, need_c = w_host != 1, w_host != 0  # (B,) rows whose uncond / cond output enters the result
+    uncond = uncond.expand(B, -1, -1)
+    if need_u.all() and need_c.all():  # both branches for every row: [uncond; cond], 2B rows
+        emb, added = unpack_cond(unet, torch.cat([uncond, cond]).to(dtype))
+        out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=emb, added_cond_kwargs=added).sample
+        eps_uncond, eps_cond = out.float().chunk(2)
+        return eps_uncond + w * (eps_cond - eps_uncond)
+    # the rows that need uncond, then those that need cond: B <= n_u + n_c < 2B rows
+    rows = to_device(torch.cat([need_u.nonzero(), need_c.nonzero()])[:, 0], dev)  # (n_u + n_c,) batch indices
+    n_u = int(need_u.sum())
+    iu, ic = rows[:n_u], rows[n_u:]
+    emb, added = unpack_cond(unet, torch.cat([uncond[iu], cond[ic]]).to(dtype))  # SDXL: the rows' pooled / time ids too
+    out = unet(x[rows].to(dtype), t[rows], encoder_hidden_states=emb, added_cond_kwargs=added).sample.float()
+    # back to (B, C, h, w) each, zeros in the rows not run (index_copy passes the gradient on to `out`)
+    eps_uncond = out.new_zeros(x.shape).index_copy(0, iu, out[:n_u])
+    eps_cond = out.new_zeros(x.shape).index_copy(0, ic, out[n_u:])
+    guided = eps_uncond + w * (eps_cond - eps_uncond)
+    return torch.where(w == 1, eps_cond, torch.where(w == 0, eps_uncond, guided))  # (B, C, h, w)
 
 
 def step_log_prob(models: Models, x_t, t, x_prev, cond, uncond, w, eta: float, num_steps: int):
@@ -532,7 +563,8 @@ def sample(models: Models, cond, uncond, guidance, num_steps: int, eta: float, g
     B, device = cond.shape[0], models.device
     ts = timesteps(models, num_steps)
     T = len(ts)
-    w = torch.as_tensor(guidance, dtype=torch.float32, device=device)
+    # kept on the host: guided_eps decides from it which UNet rows each step needs without reading the device
+    w = torch.as_tensor(guidance, dtype=torch.float32).cpu()
     if w.ndim == 0:
         w = w.expand(B, T)  # fixed CFG
     if w.shape != (B, T):

@@ -1,7 +1,7 @@
 """
 Evaluation of reward fine-tuning runs. The paper's claims are curves of reward
 against the number of reward queries, DiffExp against the baseline, and scores on held-out prompts;
-the two subcommands produce exactly these.
+score and compare produce exactly these, and sample shows the images behind the numbers.
 
     # score checkpoints on held-out prompts: the same seeds for every checkpoint, plain prompts, fixed CFG
     python evaluate.py score --checkpoints base diffexp=runs/ddpo-sd15-aesthetic-20260101-120000 \
@@ -9,20 +9,33 @@ the two subcommands produce exactly these.
     python evaluate.py score --model tiny --checkpoints base runs/ddpo-tiny-20260101-120000 \
         --prompts animals --samples-per-prompt 4 --rewards jpeg-compressibility brightness --out eval/tiny
 
+    # 8 images of each prompt from each checkpoint (the same 8 seeds for all), one labelled grid per prompt
+    python evaluate.py sample --checkpoints base tuned=runs/ddpo-sd15-aesthetic-20260101-120000 \
+        --prompts "a dolphin riding a bike" "a cat" --seeds 8 --rewards aesthetic --out samples/
+    python evaluate.py sample --checkpoints base runs/alignprop-toy-20260101-120000 \
+        --prompts prompts/toy_heldout.txt "a red circle" --seeds 0 7 42 --rewards toy-classifier --out samples/toy
+
     # reward vs reward queries, mean and band over seeds, and sample efficiency against a baseline
     python evaluate.py compare --groups 'diffexp=runs/ddpo-aes-s*' 'baseline=runs/ddpo-aes-base-s*' --out compare.png
 
 score writes OUT/results.json (per checkpoint: each reward's mean, std and standard error overall and
 per prompt; per-prompt sample diversity and its mean), OUT/table.md and OUT/grid_<label>.png (rows:
-prompts, columns: seeds, the same seeds for every checkpoint). Settings left unset (--model,
---num-steps, --eta, --guidance-scale) are taken from the checkpoints' training configs when they
-agree, so a DDPO run (w_high 5.0, eta 1.0) and an AlignProp run (7.5, 0.0) are each scored as trained.
+prompts, columns: seeds, the same seeds for every checkpoint; under each image its prompt and first
+reward). Settings left unset (--model, --num-steps, --eta, --guidance-scale) are taken from the
+checkpoints' training configs when they agree, so a DDPO run (w_high 5.0, eta 1.0) and an AlignProp run
+(7.5, 0.0) are each scored as trained.
+
+sample writes OUT/<prompt>.png per prompt (rows: checkpoints, columns: seeds, under each image its seed
+and, with --rewards, its rewards) and OUT/samples.json (prompts, seeds, checkpoints, settings, rewards).
+--prompts takes prompt sets, prompt files and literal prompts, mixed. Plain prompts and one fixed
+guidance scale (no exploration); settings default as for score. Seed s gives every checkpoint the same
+noise, whatever other seeds or prompts are asked for, so rows differ only by their weights.
 
 compare writes OUT (a PNG) and OUT with .json: per group the final reward (mean ± std over runs) and
 the reward queries needed to reach a fraction of the baseline's improvement (see sample_efficiency).
 
 The trainers call heldout_score (held-out prompts with the current LoRA) and diversity_by_prompt.
-Sections: diversity | sampling with fixed seeds | score | compare | command line.
+Sections: diversity | sampling with fixed seeds | score | sample | compare | command line.
 """
 
 import contextlib
@@ -43,7 +56,7 @@ import common
 import diffusion
 import lora
 import rewards
-from common import print0
+from common import ConfigError, print0
 from diffusion import Prompt
 from rewards import RewardName
 
@@ -168,6 +181,21 @@ def heldout_score(models: diffusion.Models, prompts: list[Prompt], reward_fn, sa
     return out
 
 
+def policy_scores(models: diffusion.Models, eval_cfg, train_prompts: list[Prompt], heldout: list[Prompt] | None, reward_fn,
+                  num_steps: int, eta: float, guidance_scale: float, seed: int, embedder=None) -> dict:
+    """The trainers' evaluation (--eval.*): the current UNet on fixed seeds with plain prompts and w_high, on the
+    training prompts (plain_reward_*: the reward of the policy itself, which the training samples' reward
+    understates while DiffExp explores) and on the held-out prompts (heldout_reward_*)."""
+    out = {}
+    if eval_cfg.plain:
+        out.update(heldout_score(models, train_prompts, reward_fn, eval_cfg.samples_per_prompt, num_steps, eta,
+                                 guidance_scale, seed, eval_cfg.batch_size, None, prefix="plain"))
+    if heldout:
+        out.update(heldout_score(models, heldout, reward_fn, eval_cfg.samples_per_prompt, num_steps, eta,
+                                 guidance_scale, seed, eval_cfg.batch_size, embedder))
+    return out
+
+
 # -----------------------------------------------------------------------------
 # score: several checkpoints on one prompt set, each reward, diversity, a table and image grids
 
@@ -194,7 +222,15 @@ class ScoreConfig:
     grid_prompts: int = 8  # prompts (rows) shown in each image grid
     out: str = "eval"  # output folder
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # frozen weights' dtype (the LoRA stays float32)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # frozen weights' dtype (auto: bfloat16 on a GPU, float32 on a CPU; the LoRA stays float32)
+
+
+def parse_reward_weights(specs: tuple[str, ...], names: tuple[str, ...]) -> dict[str, str]:
+    """--reward-weights NAME=PATH ... -> {NAME: PATH}, each NAME among --rewards."""
+    weights = dict(s.split("=", 1) for s in specs if "=" in s)
+    if len(weights) != len(specs) or not set(weights) <= set(names):
+        raise ConfigError(f"--reward-weights {' '.join(specs)}: expected NAME=PATH with NAME among --rewards {list(names)}.")
+    return weights
 
 
 def resolve_checkpoint(spec: str) -> tuple[str, str | None]:
@@ -210,7 +246,7 @@ def resolve_checkpoint(spec: str) -> tuple[str, str | None]:
         ckpt = common.latest_checkpoint(path) if os.path.isdir(path) else None
         weights = os.path.join(ckpt, lora.WEIGHT_NAME) if ckpt else None
         if weights is None or not os.path.isfile(weights):
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"--checkpoints {spec}: no LoRA checkpoint at {path} (expected 'base', a run folder with "
                 f"checkpoints/NNNNNN/{lora.WEIGHT_NAME}, a checkpoint folder, or the .safetensors file).")
     if not label:  # runs/NAME -> NAME; runs/NAME/checkpoints/000040 -> NAME-000040
@@ -235,7 +271,7 @@ def from_training(value, configs: list[dict], key: str, fallback, flag: str):
         return value
     found = {json.dumps(v) for c in configs if (v := _get(c, key)) is not None}
     if len(found) > 1:
-        raise ValueError(f"{flag}: the checkpoints were trained with different values ({', '.join(sorted(found))}); "
+        raise ConfigError(f"{flag}: the checkpoints were trained with different values ({', '.join(sorted(found))}); "
                          f"pass {flag} to score them under one setting.")
     return json.loads(found.pop()) if found else fallback
 
@@ -253,7 +289,7 @@ def lora_applied(unet, weights: str):
     with safe_open(weights, framework="pt") as f:
         keys, metadata = [k for k in f.keys() if k.endswith(".lora_A.weight")], f.metadata() or {}
         if not keys:
-            raise ValueError(f"--checkpoints: {weights} holds no LoRA tensors (*.lora_A.weight).")
+            raise ConfigError(f"--checkpoints: {weights} holds no LoRA tensors (*.lora_A.weight).")
         rank = f.get_slice(keys[0]).get_shape()[0]  # lora_A is (rank, in_features)
     alpha = json.loads(metadata.get("lora_adapter_metadata", "{}")).get("unet.lora_alpha", rank)
     # targets are matched by name suffix: the module's last name part, two when it is an index (to_out.0);
@@ -282,10 +318,10 @@ def _jsonable(x):
 def score_checkpoint(models, prompts, reward_fns: dict, embedder, samples_per_prompt, num_steps, eta,
                      guidance_scale, seed, batch_size, grid_prompts: int):
     """Samples every prompt x seed with the current UNet, scores each reward and the diversity.
-    -> (result dict, grid images (min(P, grid_prompts) * N, 3, H, W))."""
+    -> (result dict, grid images (min(P, grid_prompts) * N, 3, H, W), their labels: prompt and first reward)."""
     N = samples_per_prompt
     scores = {name: [] for name in reward_fns}
-    embeddings, grid = [], []
+    embeddings, grid, labels = [], [], []
     for prompt_idx, images in sample_batches(models, prompts, N, num_steps, eta, guidance_scale, seed, batch_size):
         texts = [prompts[i].text for i in prompt_idx]
         with torch.no_grad():
@@ -293,7 +329,10 @@ def score_checkpoint(models, prompts, reward_fns: dict, embedder, samples_per_pr
                 scores[name].append(fn(images, texts).float().cpu())
         if embedder is not None:
             embeddings.append(embed_images(images, embedder, batch_size))
-        grid += [img.cpu() for i, img in zip(prompt_idx, images) if i < grid_prompts]
+        shown = [k for k, i in enumerate(prompt_idx) if i < grid_prompts]
+        grid += [images[k].cpu() for k in shown]
+        first = scores[next(iter(scores))][-1] if scores else None  # the batch's values of the first reward (b,)
+        labels += common.grid_labels([texts[k] for k in shown], first[shown] if first is not None else None)
     result = {"rewards": {}}
     for name, chunks in scores.items():
         values = torch.cat(chunks).view(len(prompts), N)  # prompt-major, as sampled
@@ -304,7 +343,7 @@ def score_checkpoint(models, prompts, reward_fns: dict, embedder, samples_per_pr
         per_prompt = [diversity(e) for e in emb]  # by index, not text: prompt sets may repeat a text
         result["diversity"] = {"mean": sum(per_prompt) / len(per_prompt),
                                "per_prompt": [{"prompt": p.text, "diversity": d} for p, d in zip(prompts, per_prompt)]}
-    return result, torch.stack(grid) if grid else torch.empty(0)
+    return result, torch.stack(grid) if grid else torch.empty(0), labels
 
 
 def score(cfg: ScoreConfig) -> dict:
@@ -312,14 +351,11 @@ def score(cfg: ScoreConfig) -> dict:
     checkpoints = [resolve_checkpoint(s) for s in cfg.checkpoints]
     labels = [label for label, _ in checkpoints]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"--checkpoints: labels {labels} repeat; name them LABEL=PATH.")
+        raise ConfigError(f"--checkpoints: labels {labels} repeat; name them LABEL=PATH.")
     prompts = diffusion.load_prompts(cfg.prompts)
-    reward_weights = dict(s.split("=", 1) for s in cfg.reward_weights if "=" in s)
-    if len(reward_weights) != len(cfg.reward_weights) or not set(reward_weights) <= set(cfg.rewards):
-        raise ValueError(f"--reward-weights {' '.join(cfg.reward_weights)}: expected NAME=PATH with NAME "
-                         f"among --rewards {list(cfg.rewards)}.")
+    reward_weights = parse_reward_weights(cfg.reward_weights, cfg.rewards)
     if cfg.samples_per_prompt < 1 or cfg.batch_size < 1:
-        raise ValueError("--samples-per-prompt and --batch-size must be >= 1.")
+        raise ConfigError("--samples-per-prompt and --batch-size must be >= 1.")
     configs = [training_config(w) for _, w in checkpoints]
     model = from_training(cfg.model, configs, "model", "sd15", "--model")
     random_base = model in ("tiny", "sd15-random")  # the trainers build these from their --seed
@@ -334,7 +370,8 @@ def score(cfg: ScoreConfig) -> dict:
     print0("score: " + ", ".join(f"{k} {v}" for k, v in settings.items()))
 
     # ---- models
-    device, dtype = common.resolve_device(cfg.device), getattr(torch, cfg.dtype)
+    device = common.resolve_device(cfg.device)
+    dtype = common.resolve_dtype(cfg.dtype, device)
     models = diffusion.load_models(model, device=device, dtype=dtype, seed=model_seed)
     reward_fns = {name: rewards.make_reward(name, device, dtype, tiny=cfg.reward_tiny, weights=reward_weights.get(name))
                   for name in cfg.rewards}
@@ -346,11 +383,13 @@ def score(cfg: ScoreConfig) -> dict:
     results = {"settings": settings, "checkpoints": {}}
     for label, path in checkpoints:
         with lora_applied(models.unet, path) if path else contextlib.nullcontext():
-            result, grid = score_checkpoint(models, prompts, reward_fns, embedder, grid_prompts=cfg.grid_prompts, **sampling)
+            result, grid, grid_labels = score_checkpoint(models, prompts, reward_fns, embedder,
+                                                         grid_prompts=cfg.grid_prompts, **sampling)
         results["checkpoints"][label] = {"path": path, **result}
         if len(grid):
             grid_path = os.path.join(cfg.out, f"grid_{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.png")
-            common.save_grid(grid, grid_path, nrow=cfg.samples_per_prompt)
+            title = label + (f"  (r = {cfg.rewards[0]})" if cfg.rewards else "")
+            common.save_grid(grid, grid_path, nrow=cfg.samples_per_prompt, labels=grid_labels, title=title)
         line = " | ".join(f"{name} {r['mean']:.4g}±{r['sem']:.2g}" for name, r in result["rewards"].items())
         print0(f"{label} | {line}" + (f" | diversity {result['diversity']['mean']:.3g}" if "diversity" in result else ""))
 
@@ -382,6 +421,151 @@ def markdown_table(results: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
+# sample: a few images of a few prompts from each checkpoint, side by side, to look at
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sample images of some prompts from several checkpoints with the same seeds, into one labelled grid per prompt."""
+    # each: a prompt set (animals | unseen-animals | animal-activities | drawbench[:Category,...]), a .txt/.csv
+    # file, or else a literal prompt: anything that is neither a prompt set nor an existing file is the prompt itself
+    prompts: tuple[str, ...] = ()
+    # [LABEL=]PATH each, as for score: a run folder (newest checkpoint), a checkpoint folder, a LoRA .safetensors, or base; the grids' rows
+    checkpoints: tuple[str, ...] = ("base",)
+    seeds: tuple[int, ...] = (4,)  # one number N: the seeds first-seed .. first-seed + N - 1; several: those seeds; the grids' columns
+    first_seed: int = 0  # where a count of --seeds starts
+    model: str | None = None  # tiny | sd15 | sd15-random | a diffusers folder; default: the checkpoints' training model, else sd15
+    model_seed: int | None = None  # init seed of a random base (tiny, sd15-random); default: the checkpoints' --seed, else 0
+    num_steps: int | None = None  # DDIM steps; default: the checkpoints' training value, else 50
+    eta: float | None = None  # DDIM eta; default: the checkpoints' training value (DDPO 1.0, AlignProp 0.0), else 0.0
+    guidance_scale: float | None = None  # fixed CFG scale; default: the checkpoints' training w_high, else 7.5
+    rewards: tuple[RewardName, ...] = ()  # score every image with these rewards and show the values under it
+    reward_tiny: bool = False  # small random reward models, offline (tests / CPU smoke runs)
+    reward_weights: tuple[str, ...] = ()  # NAME=PATH per reward whose weights come from a local file/folder
+    out: str = "samples"  # output folder: one PNG per prompt and samples.json
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # frozen weights' dtype (auto: bfloat16 on a GPU, float32 on a CPU; the LoRA stays float32)
+
+
+def resolve_prompts(specs: tuple[str, ...]) -> list[Prompt]:
+    """--prompts entries -> prompts, in order, each text once. A prompt set or an existing file is loaded
+    (load_prompts); a missing .txt/.csv fails naming it; anything else is a literal prompt, taken as typed."""
+    prompts = []
+    for spec in specs:
+        if spec.partition(":")[0] in diffusion.PROMPT_SETS or os.path.isfile(spec) or spec.endswith((".txt", ".csv")):
+            prompts += diffusion.load_prompts(spec)
+        elif spec.strip():
+            prompts.append(Prompt(spec.strip(), (spec.strip(),)))
+    prompts = list({p.text: p for p in prompts}.values())  # each text once, where it first appears
+    if not prompts:
+        raise ConfigError("--prompts: give at least one prompt set, prompt file or prompt, e.g. "
+                         "--prompts 'a dolphin riding a bike' unseen-animals.")
+    return prompts
+
+
+def resolve_seeds(seeds: tuple[int, ...], first_seed: int = 0) -> list[int]:
+    """(N,) -> first_seed .. first_seed + N - 1; several numbers -> those seeds."""
+    if len(seeds) == 1:
+        if seeds[0] < 1:
+            raise ConfigError(f"--seeds {seeds[0]}: one number is a count of seeds and must be >= 1.")
+        return list(range(first_seed, first_seed + seeds[0]))
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: give a count N, or several different seeds.")
+    return list(seeds)
+
+
+def slug(text: str, taken: set) -> str:
+    """A file name for a prompt: lower-case words joined by '-', at most 80 characters, unique in `taken`."""
+    base = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:80].strip("-") or "prompt"
+    name, k = base, 2
+    while name in taken:  # a prompt set may repeat a text, and punctuation-only differences collide
+        name, k = f"{base}-{k}", k + 1
+    taken.add(name)
+    return name
+
+
+@torch.no_grad()
+def sample_seeds(models: diffusion.Models, text: str, seeds: list[int], num_steps: int, eta: float,
+                 guidance_scale: float) -> torch.Tensor:
+    """Images (S, 3, H, W) in [0, 1], on the models' device, of one plain prompt with the UNet as it is,
+    one per seed. Each image is sampled alone from a generator seeded with its seed (on the CPU, so the
+    device does not matter): it depends on the weights, prompt, seed and settings only, so every checkpoint
+    starts from the same noise, and a seed gives the same image whatever other seeds are asked for."""
+    was_training = models.unet.training
+    models.unet.eval()
+    try:
+        cond, uncond = diffusion.encode_text(models, [text]), diffusion.encode_text(models, [""])  # (1, 77, D) each
+        return torch.cat([diffusion.sample(models, cond, uncond, guidance_scale, num_steps, eta,
+                                           torch.Generator().manual_seed(s)).images for s in seeds])
+    finally:
+        models.unet.train(was_training)
+
+
+def sample(cfg: SampleConfig) -> dict:
+    # ---- everything that can fail on a typo fails before any model loads
+    prompts = resolve_prompts(cfg.prompts)
+    seeds = resolve_seeds(cfg.seeds, cfg.first_seed)
+    if not cfg.checkpoints:
+        raise ConfigError("--checkpoints: give at least one, e.g. --checkpoints base tuned=runs/NAME.")
+    checkpoints = [resolve_checkpoint(s) for s in cfg.checkpoints]
+    labels = [label for label, _ in checkpoints]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--checkpoints: labels {labels} repeat; name them LABEL=PATH.")
+    reward_weights = parse_reward_weights(cfg.reward_weights, cfg.rewards)
+    configs = [training_config(w) for _, w in checkpoints]
+    model = from_training(cfg.model, configs, "model", "sd15", "--model")
+    random_base = model in ("tiny", "sd15-random")
+    model_seed = from_training(cfg.model_seed, configs if random_base else [], "seed", 0, "--model-seed")
+    settings = dict(
+        model=model, model_seed=model_seed,
+        num_steps=from_training(cfg.num_steps, configs, "sample.num_steps", 50, "--num-steps"),
+        eta=from_training(cfg.eta, configs, "sample.eta", 0.0, "--eta"),
+        guidance_scale=from_training(cfg.guidance_scale, configs, "sample.guidance_scale", 7.5, "--guidance-scale"),
+        dtype=cfg.dtype)
+    print0(f"sample: {len(prompts)} prompts x {len(checkpoints)} checkpoints x {len(seeds)} seeds, "
+           + ", ".join(f"{k} {v}" for k, v in settings.items()))
+
+    # ---- models
+    device = common.resolve_device(cfg.device)
+    dtype = common.resolve_dtype(cfg.dtype, device)
+    models = diffusion.load_models(model, device=device, dtype=dtype, seed=model_seed)
+    reward_fns = {name: rewards.make_reward(name, device, dtype, tiny=cfg.reward_tiny, weights=reward_weights.get(name))
+                  for name in cfg.rewards}
+    os.makedirs(cfg.out, exist_ok=True)
+
+    # ---- one grid per prompt: rows checkpoints, columns seeds
+    sampling = {k: settings[k] for k in ("num_steps", "eta", "guidance_scale")}
+    summary = {"settings": settings, "seeds": seeds, "checkpoints": dict(checkpoints), "prompts": []}
+    taken = set()
+    for prompt in prompts:
+        images, tile_labels, scores = [], [], {}
+        for label, path in checkpoints:
+            with lora_applied(models.unet, path) if path else contextlib.nullcontext():
+                x = sample_seeds(models, prompt.text, seeds, **sampling)  # (S, 3, H, W)
+            with torch.no_grad():
+                scores[label] = {name: fn(x, [prompt.text] * len(x)).float().cpu().tolist()
+                                 for name, fn in reward_fns.items()}  # {reward: [S values]}
+            images.append(x.cpu())
+            # under each tile its seed and, when scored, its rewards ('r' when there is one, named in the title)
+            for j, s in enumerate(seeds):
+                values = " ".join(f"{name if len(reward_fns) > 1 else 'r'}={common.fmt(v[j])}" for name, v in scores[label].items())
+                tile_labels.append(f"seed {s}\n{values}" if values else f"seed {s}")
+        path = os.path.join(cfg.out, slug(prompt.text, taken) + ".png")
+        title = prompt.text + (f"  (r = {cfg.rewards[0]})" if len(reward_fns) == 1 else "")
+        common.save_grid(torch.cat(images), path, nrow=len(seeds), labels=tile_labels, row_labels=labels, title=title)
+        summary["prompts"].append({"prompt": prompt.text, "grid": os.path.basename(path),
+                                   **({"rewards": scores} if reward_fns else {})})
+        means = "".join(f" | mean {name}: " + ", ".join(f"{label} {sum(s[name]) / len(seeds):.4g}" for label, s in scores.items())
+                        for name in reward_fns)
+        print0(f"wrote {path}: {prompt.text!r}{means}")
+
+    with open(os.path.join(cfg.out, "samples.json"), "w") as f:
+        json.dump(_jsonable(summary), f, indent=1)
+    print0(f"wrote {os.path.join(cfg.out, 'samples.json')}")
+    return summary
+
+
+# -----------------------------------------------------------------------------
 # compare: reward curves of several runs per group, and sample efficiency against a baseline
 
 
@@ -407,18 +591,18 @@ def parse_groups(specs: tuple[str, ...]) -> dict[str, list[str]]:
     for spec in specs:
         label, sep, patterns = spec.partition("=")
         if not sep or not label or not patterns:
-            raise ValueError(f"--groups {spec!r}: expected LABEL=RUN[,RUN...] (e.g. 'diffexp=runs/ddpo-s*').")
+            raise ConfigError(f"--groups {spec!r}: expected LABEL=RUN[,RUN...] (e.g. 'diffexp=runs/ddpo-s*').")
         if label in groups:
-            raise ValueError(f"--groups: label {label!r} appears twice.")
+            raise ConfigError(f"--groups: label {label!r} appears twice.")
         runs = []
         for pattern in patterns.split(","):
             found = sorted(filter(os.path.isdir, glob.glob(pattern))) if glob.has_magic(pattern) else [pattern]
             if not found:
-                raise FileNotFoundError(f"--groups {label}: the pattern {pattern!r} matches no run folder.")
+                raise ConfigError(f"--groups {label}: the pattern {pattern!r} matches no run folder.")
             runs += found
         groups[label] = runs
     if not groups:
-        raise ValueError("--groups: give at least one LABEL=RUN[,RUN...].")
+        raise ConfigError("--groups: give at least one LABEL=RUN[,RUN...].")
     return groups
 
 
@@ -426,10 +610,10 @@ def read_curve(run: str, metric: str = "reward_mean") -> tuple[torch.Tensor, tor
     """-> (reward_queries, metric) of one run's metrics.jsonl, float64, sorted by queries."""
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--groups: run {run} has no metrics.jsonl ({path} does not exist).")
+        raise ConfigError(f"--groups: run {run} has no metrics.jsonl ({path} does not exist).")
     records = [r for r in common.read_metrics(path) if r.get(metric) is not None and "reward_queries" in r]
     if not records:
-        raise ValueError(f"--groups: {path} has no records with 'reward_queries' and '{metric}' (--metric).")
+        raise ConfigError(f"--groups: {path} has no records with 'reward_queries' and '{metric}' (--metric).")
     x = torch.tensor([r["reward_queries"] for r in records], dtype=torch.float64)
     y = torch.tensor([r[metric] for r in records], dtype=torch.float64)
     order = torch.argsort(x, stable=True)
@@ -483,7 +667,7 @@ def group_curves(runs: list[str], metric: str, smooth: str, window: int) -> dict
     curves = [(x, y, smooth_curve(y, smooth, window)) for x, y in curves]
     lo, hi = max(x[0] for x, _, _ in curves), min(x[-1] for x, _, _ in curves)
     if lo > hi:
-        raise ValueError(f"--groups: the runs {runs} share no range of reward queries; they cannot be averaged.")
+        raise ConfigError(f"--groups: the runs {runs} share no range of reward queries; they cannot be averaged.")
     grid = torch.unique(torch.cat([x for x, _, _ in curves]))
     grid = grid[(grid >= lo) & (grid <= hi)]
     ys = torch.stack([interp(grid, x, s) for x, _, s in curves])  # (runs, grid)
@@ -494,26 +678,46 @@ def group_curves(runs: list[str], metric: str, smooth: str, window: int) -> dict
                 final_mean=finals.mean().item(), final_std=finals.std().item() if len(runs) > 1 else 0.0)
 
 
+def bootstrap_ratio(a: list[float], b: list[float], n: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """mean(a) / mean(b) and its 95% percentile-bootstrap interval: both samples resampled with replacement,
+    independently (the runs of two arms are independent), n times."""
+    a_t, b_t = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    ia, ib = torch.randint(len(a), (n, len(a)), generator=g), torch.randint(len(b), (n, len(b)), generator=g)
+    ratios = a_t[ia].mean(1) / b_t[ib].mean(1)
+    lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return (a_t.mean() / b_t.mean()).item(), lo, hi
+
+
 def sample_efficiency(groups: dict[str, dict], baseline: str, fraction: float) -> dict:
     """Reward queries each group needs to reach threshold = r0 + fraction * (r_final - r0), where r0 is the
     baseline's first-record reward (mean over its runs) and r_final the last point of the baseline's mean
     curve. Measuring the improvement over r0, not a fraction of r_final itself, keeps the definition
     meaningful for negative rewards (JPEG compressibility) and for offsets (aesthetic starts near 5).
-    Queries are read off each group's mean curve (and, per run, off each run's curve); speedup =
-    baseline queries / group queries. Undefined (None) when the baseline did not improve."""
+    Queries are read off each group's mean curve (speedup = baseline queries / group queries) and off each
+    run's own curve. Per run, a run that never reaches the threshold counts at its last record's queries
+    (a lower bound: it needs at least that many; counted in `not_reached`). `speedup_per_run` = mean over
+    the baseline's runs / mean over the group's runs, with a bootstrap 95% interval over runs (seeds).
+    Undefined (None) when the baseline did not improve."""
     base = groups[baseline]
     r0, r_final = base["first"], base["mean"][-1].item()
     threshold = r0 + fraction * (r_final - r0) if r_final > r0 else None
     base_q = queries_to_reach(base["grid"], base["mean"], threshold) if threshold is not None else None
     summary = {"baseline": baseline, "fraction": fraction, "r0": r0, "r_final": r_final, "threshold": threshold, "groups": {}}
+
+    def per_run(g):  # (queries per run, censored at the budget; how many never reached the threshold)
+        qs = [queries_to_reach(x, s, threshold) for x, _, s in g["curves"]]
+        return [q if q is not None else x[-1].item() for q, (x, _, _) in zip(qs, g["curves"])], qs.count(None)
+    base_runs = per_run(base)[0] if threshold is not None else None
     for label, g in groups.items():
         q = queries_to_reach(g["grid"], g["mean"], threshold) if threshold is not None else None
+        runs_q, missed = per_run(g) if threshold is not None else (None, None)
+        ratio = bootstrap_ratio(base_runs, runs_q) if threshold is not None and min(runs_q) > 0 else None
         summary["groups"][label] = {
             "runs": g["runs"], "final_mean": g["final_mean"], "final_std": g["final_std"],
-            "queries_to_threshold": q,
-            "queries_to_threshold_per_run": [queries_to_reach(x, s, threshold) if threshold is not None else None
-                                             for x, _, s in g["curves"]],
-            "speedup": base_q / q if q and base_q else None}
+            "queries_to_threshold": q, "queries_to_threshold_per_run": runs_q, "not_reached": missed,
+            "speedup": base_q / q if q and base_q else None,
+            "speedup_per_run": ratio[0] if ratio else None, "speedup_ci95": list(ratio[1:]) if ratio else None}
     return summary
 
 
@@ -546,9 +750,9 @@ def compare(cfg: CompareConfig) -> dict:
     runs = parse_groups(cfg.groups)
     baseline = cfg.baseline or list(runs)[-1]
     if baseline not in runs:
-        raise ValueError(f"--baseline {baseline}: not one of the group labels {list(runs)}.")
+        raise ConfigError(f"--baseline {baseline}: not one of the group labels {list(runs)}.")
     if not 0 < cfg.fraction <= 1:
-        raise ValueError(f"--fraction {cfg.fraction}: must lie in (0, 1].")
+        raise ConfigError(f"--fraction {cfg.fraction}: must lie in (0, 1].")
     groups = {label: group_curves(r, cfg.metric, cfg.smooth, cfg.smooth_window) for label, r in runs.items()}
     summary = sample_efficiency(groups, baseline, cfg.fraction)
     summary.update(metric=cfg.metric, smooth=cfg.smooth, smooth_window=cfg.smooth_window)
@@ -572,11 +776,15 @@ def compare(cfg: CompareConfig) -> dict:
     else:
         print0(f"threshold {summary['threshold']:.4g} = r0 {summary['r0']:.4g} + {cfg.fraction:g} x (r_final "
                f"{summary['r_final']:.4g} - r0), from baseline {baseline}{smoothing}")
-    print0(f"{'group':<16} {'runs':>4}  {'final ' + cfg.metric:<24} {'queries to threshold':>20} {'speedup':>8}")
+    print0(f"{'group':<16} {'runs':>4}  {'final ' + cfg.metric:<24} {'queries to threshold':>20} {'speedup':>8}  "
+           f"{'per run: mean queries (not reached)':>36} {'speedup, 95% CI over runs':>28}")
     for label, s in summary["groups"].items():
         q = "not reached" if s["queries_to_threshold"] is None else f"{s['queries_to_threshold']:.0f}"
         speed = "-" if s["speedup"] is None else f"{s['speedup']:.2f}x"
-        print0(f"{label:<16} {len(s['runs']):>4}  {s['final_mean']:<.4g} ± {s['final_std']:<15.3g} {q:>20} {speed:>8}")
+        runs_q = s["queries_to_threshold_per_run"]
+        per_run = "-" if runs_q is None else f"{sum(runs_q) / len(runs_q):.0f} ({s['not_reached']})"
+        ci = "-" if s["speedup_per_run"] is None else f"{s['speedup_per_run']:.2f}x [{s['speedup_ci95'][0]:.2f}, {s['speedup_ci95'][1]:.2f}]"
+        print0(f"{label:<16} {len(s['runs']):>4}  {s['final_mean']:<.4g} ± {s['final_std']:<15.3g} {q:>20} {speed:>8}  {per_run:>36} {ci:>28}")
     print0(f"wrote {cfg.out} and {os.path.splitext(cfg.out)[0]}.json")
     return summary
 
@@ -586,14 +794,14 @@ def compare(cfg: CompareConfig) -> dict:
 
 
 def cli(args=None):
-    return tyro.extras.subcommand_cli_from_dict({"score": ScoreConfig, "compare": CompareConfig}, args=args,
-                                                description=__doc__.split("\n\n")[0].strip())
+    commands = {"score": ScoreConfig, "sample": SampleConfig, "compare": CompareConfig}
+    return tyro.extras.subcommand_cli_from_dict(commands, args=args, description=__doc__.split("\n\n")[0].strip())
 
 
-def main(args=None):
-    cfg = cli(args)
-    return score(cfg) if isinstance(cfg, ScoreConfig) else compare(cfg)
+def main(args=None, cfg=None):
+    cfg = cfg or cli(args)
+    return {ScoreConfig: score, SampleConfig: sample, CompareConfig: compare}[type(cfg)](cfg)
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(lambda cfg: main(cfg=cfg), cli)

@@ -17,6 +17,7 @@ from typing import Annotated
 import torch
 import tyro
 
+from common import ConfigError
 from diffusion import PROMPT_LENGTH
 
 
@@ -37,17 +38,17 @@ class ExploreConfig:
 def validate(cfg: ExploreConfig, w_high: float) -> None:
     """Fails at start-up, naming the flag, on settings that make no sense."""
     if not 0 <= cfg.t_thres < 1000:
-        raise ValueError(f"--explore.t-thres {cfg.t_thres}: must lie in [0, 1000) (the training timestep scale).")
+        raise ConfigError(f"--explore.t-thres {cfg.t_thres}: must lie in [0, 1000) (the training timestep scale).")
     if cfg.w_low < 0:
-        raise ValueError(f"--explore.w-low {cfg.w_low}: must be >= 0.")
+        raise ConfigError(f"--explore.w-low {cfg.w_low}: must be >= 0.")
     if cfg.w_low > w_high:
-        raise ValueError(f"--explore.w-low {cfg.w_low} is above the guidance scale w_high {w_high}: "
+        raise ConfigError(f"--explore.w-low {cfg.w_low} is above the guidance scale w_high {w_high}: "
                          "the early steps must be guided less, not more.")
     if cfg.weight_low <= 0 or cfg.weight_low > cfg.weight_high:
-        raise ValueError(f"--explore.weight-low {cfg.weight_low} / --explore.weight-high {cfg.weight_high}: "
+        raise ConfigError(f"--explore.weight-low {cfg.weight_low} / --explore.weight-high {cfg.weight_high}: "
                          "need 0 < weight_low <= weight_high.")
     if not 0 <= cfg.explore_until <= 1:
-        raise ValueError(f"--explore.explore-until {cfg.explore_until}: a fraction of training in [0, 1].")
+        raise ConfigError(f"--explore.explore-until {cfg.explore_until}: a fraction of training in [0, 1].")
 
 
 def active(cfg: ExploreConfig, progress: float) -> tuple[bool, bool]:

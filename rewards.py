@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from common import ConfigError
 from toy import TOY_DIFFERENTIABLE, TOY_REWARDS
 
 # open_clip and transformers are imported inside the factories that need them: together they take
@@ -79,15 +80,15 @@ def _hub_reachable() -> bool:
         return False
 
 
-def _weights_error(source: str, what: str, reason: str) -> RuntimeError:
-    return RuntimeError(
+def _weights_error(source: str, what: str, reason: str) -> ConfigError:
+    return ConfigError(
         f"could not load the {what} from {source}: {reason}. Pass a local copy with --reward.weights PATH "
         f"(make_reward(..., weights=PATH)), or use the small random offline model with --reward.tiny.")
 
 
 def _fetch(load: Callable[[bool], object], source: str, what: str):
     """Runs load(local_files_only) on a local path, else on the hub cache, else on the hub. Any failure
-    becomes a RuntimeError that names the source and the flag that takes a local copy."""
+    becomes a ConfigError that names the source and the flag that takes a local copy."""
     if os.path.exists(source):
         try:
             return load(True)
@@ -328,7 +329,7 @@ def hpsv2(device="cpu", dtype=torch.float32, tiny: bool = False, weights: str | 
 
 def _model_free(name: str, weights: str | None):
     if weights is not None:
-        raise ValueError(f"reward {name!r} has no weights (got weights={weights!r})")
+        raise ConfigError(f"--reward.weights {weights}: reward {name!r} has no weights (got weights={weights!r})")
 
 
 def _jpeg_size_kb(images: torch.Tensor) -> torch.Tensor:
@@ -415,7 +416,7 @@ def make_reward(name: str, device="cpu", dtype=torch.float32, tiny: bool = False
     weights: an open_clip ViT-L-14 checkpoint file (aesthetic), a folder or hub id of a transformers
     CLIPModel (pickscore), an HPS checkpoint file (hpsv2)."""
     if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; registered rewards: {', '.join(REWARDS)}")
+        raise ConfigError(f"unknown reward {name!r}; registered rewards: {', '.join(REWARDS)}")
     return REWARDS[name](device=device, dtype=dtype, tiny=tiny, weights=weights)
 
 

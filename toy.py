@@ -40,14 +40,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import ConfigError
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
-# The world
+# The world. A caption names two things (colour, shape); three others are left to the model and vary
+# freely: the shape's size, its position, and the background's tone. Each has values that are rare in
+# the data (small shapes, dark backgrounds, the margins of the frame), so some combinations of them are
+# rare too (a small shape in a corner on a dark background: about 1 image in 100). This is the room a
+# text-to-image model has for exploration: what the prompt does not say.
 
 IMAGE_SIZE = 32
-GREY = 0.5  # background level of every channel
-COLOURS = {  # RGB in [0, 1]; pairwise distances >= 0.42, distance to the grey background >= 0.5
+COLOURS = {  # RGB in [0, 1]; pairwise distances >= 0.42, distance to any background tone >= 0.45
     "red": (0.90, 0.10, 0.10),
     "orange": (1.00, 0.55, 0.00),
     "yellow": (0.95, 0.90, 0.10),
@@ -59,7 +64,12 @@ SHAPES = ("circle", "square", "triangle")
 COLOUR_NAMES = tuple(COLOURS)
 COLOUR_RGB = torch.tensor(list(COLOURS.values()))  # (6, 3)
 COLOUR_JITTER = 0.03  # per-image, per-channel uniform jitter of the shape's colour
-SIZE_RANGE = (5.0, 10.0)  # radius of the circle, in pixels; squares and triangles get the same area
+SIZE_RANGE = (3.5, 9.5)  # radius of the circle, in pixels, uniform; squares and triangles get the same area
+SMALL_RADIUS = 5.0  # "small": radius below this (a quarter of the world's shapes)
+DARK_FRACTION = 0.2  # background tone: dark with this probability, else light
+DARK_TONES = (0.06, 0.20)  # grey level of a dark background (all three channels), uniform
+LIGHT_TONES = (0.38, 0.72)  # grey level of a light background, uniform
+DARK_BELOW = 0.29  # a background is "dark" below this grey level (between the two ranges)
 SUPERSAMPLE = 4  # anti-aliasing: render at 4x and average 4x4 blocks
 
 
@@ -71,42 +81,58 @@ def all_captions() -> list[str]:
     return [caption(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES))]  # 18
 
 
-def render(colour: torch.Tensor, shape: torch.Tensor, radius: torch.Tensor, centre: torch.Tensor,
-           rgb: torch.Tensor) -> torch.Tensor:
-    """Draws one shape per image. colour/shape (n,) indices (colour unused: rgb carries it), radius (n,),
-    centre (n, 2) as (x, y) in pixels, rgb (n, 3). Returns images (n, 3, 32, 32) in [0, 1].
-    All shapes are axis-aligned and have the area of a circle of `radius` (pi r^2), so size says nothing
-    about the shape: square half-side r sqrt(pi)/2, upright isosceles triangle with base = height = r sqrt(2 pi)."""
+def half_extent(radius: torch.Tensor) -> torch.Tensor:
+    """Half the width (and height) of the widest shape of this area, the triangle: base = height = r sqrt(2 pi)."""
+    return radius * math.sqrt(2 * math.pi) / 2
+
+
+def sample_attributes(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """n independent draws of the world's attributes. colour (n,) and shape (n,) indices (the caption);
+    radius (n,) ~ U(SIZE_RANGE) px; centre (n, 2) as (x, y) px, uniform over the positions where the shape
+    fits with a 1 px margin; background (n,) grey level, dark (U(DARK_TONES)) with probability
+    DARK_FRACTION, else light (U(LIGHT_TONES)); rgb (n, 3) the prompted colour, jittered."""
+    g = generator
+    colour = torch.randint(len(COLOURS), (n,), generator=g)
+    shape = torch.randint(len(SHAPES), (n,), generator=g)
+    lo, hi = SIZE_RANGE
+    radius = lo + (hi - lo) * torch.rand(n, generator=g)
+    extent = half_extent(radius) + 1
+    centre = extent.unsqueeze(1) + (IMAGE_SIZE - 2 * extent).unsqueeze(1) * torch.rand(n, 2, generator=g)
+    dark = torch.rand(n, generator=g) < DARK_FRACTION
+    u = torch.rand(n, generator=g)
+    background = torch.where(dark, DARK_TONES[0] + (DARK_TONES[1] - DARK_TONES[0]) * u,
+                             LIGHT_TONES[0] + (LIGHT_TONES[1] - LIGHT_TONES[0]) * u)
+    rgb = (COLOUR_RGB[colour] + COLOUR_JITTER * (2 * torch.rand(n, 3, generator=g) - 1)).clamp(0, 1)
+    return dict(colour=colour, shape=shape, radius=radius, centre=centre, background=background, rgb=rgb)
+
+
+def render(attributes: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Draws one shape per image -> (n, 3, 32, 32) in [0, 1]. All shapes are axis-aligned and have the area
+    of a circle of `radius` (pi r^2), so size says nothing about the shape: square half-side r sqrt(pi)/2,
+    upright isosceles triangle with base = height = r sqrt(2 pi)."""
+    a = attributes
     S = IMAGE_SIZE * SUPERSAMPLE
     coords = (torch.arange(S, dtype=torch.float32) + 0.5) / SUPERSAMPLE  # sub-pixel centres, in pixels
     X, Y = coords.view(1, 1, S), coords.view(1, S, 1)
-    cx, cy, r = centre[:, 0].view(-1, 1, 1), centre[:, 1].view(-1, 1, 1), radius.view(-1, 1, 1)
+    cx, cy, r = a["centre"][:, 0].view(-1, 1, 1), a["centre"][:, 1].view(-1, 1, 1), a["radius"].view(-1, 1, 1)
     circle = (X - cx) ** 2 + (Y - cy) ** 2 <= r ** 2
     half = r * math.sqrt(math.pi) / 2
     square = ((X - cx).abs() <= half) & ((Y - cy).abs() <= half)
-    e = r * math.sqrt(2 * math.pi) / 2  # half of the triangle's base and height; apex at (cx, cy - e)
+    e = half_extent(r)  # apex at (cx, cy - e), base at cy + e
     triangle = (Y <= cy + e) & ((X - cx).abs() <= (Y - (cy - e)) / 2)
-    s = shape.view(-1, 1, 1)
+    s = a["shape"].view(-1, 1, 1)
     inside = torch.where(s == 0, circle, torch.where(s == 1, square, triangle)).float()  # (n, S, S)
     alpha = F.avg_pool2d(inside.unsqueeze(1), SUPERSAMPLE)  # (n, 1, 32, 32) coverage of each pixel
-    return GREY * (1 - alpha) + rgb.view(-1, 3, 1, 1) * alpha
+    return a["background"].view(-1, 1, 1, 1) * (1 - alpha) + a["rgb"].view(-1, 3, 1, 1) * alpha
 
 
 def make_batch(n: int, generator: torch.Generator):
     """n random images of the world. Deterministic given the generator's state.
     Returns images (n, 3, 32, 32) float in [0, 1], captions list[str] ("a red circle"), and labels (n, 2)
     long: [colour index, shape index]. The prompt phrases of a caption are [colour, shape]."""
-    g = generator
-    colour = torch.randint(len(COLOURS), (n,), generator=g)
-    shape = torch.randint(len(SHAPES), (n,), generator=g)
-    lo, hi = SIZE_RANGE
-    radius = lo + (hi - lo) * torch.rand(n, generator=g)
-    extent = radius * math.sqrt(2 * math.pi) / 2 + 1  # the widest shape's half-extent (the triangle) + 1 px margin
-    centre = extent.unsqueeze(1) + (IMAGE_SIZE - 2 * extent).unsqueeze(1) * torch.rand(n, 2, generator=g)  # (n, 2)
-    rgb = (COLOUR_RGB[colour] + COLOUR_JITTER * (2 * torch.rand(n, 3, generator=g) - 1)).clamp(0, 1)
-    images = render(colour, shape, radius, centre, rgb)
-    captions = [caption(c, s) for c, s in zip(colour.tolist(), shape.tolist())]
-    return images, captions, torch.stack([colour, shape], 1)
+    a = sample_attributes(n, generator)
+    captions = [caption(c, s) for c, s in zip(a["colour"].tolist(), a["shape"].tolist())]
+    return render(a), captions, torch.stack([a["colour"], a["shape"]], 1)
 
 
 def parse_prompt(prompt: str) -> tuple[int, int]:
@@ -115,7 +141,7 @@ def parse_prompt(prompt: str) -> tuple[int, int]:
     colour = next((COLOUR_NAMES.index(w) for w in words if w in COLOURS), None)
     shape = next((SHAPES.index(w) for w in words if w in SHAPES), None)
     if colour is None or shape is None:
-        raise ValueError(f"toy rewards need prompts of the form 'a {{colour}} {{shape}}' with colour in "
+        raise ConfigError(f"toy rewards need prompts of the form 'a {{colour}} {{shape}}' with colour in "
                          f"{COLOUR_NAMES} and shape in {SHAPES}; got {prompt!r}.")
     return colour, shape
 
@@ -126,20 +152,30 @@ def _targets(prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -----------------------------------------------------------------------------
-# Analytic rewards. They read the world's rules straight off the pixels: the object is the largest region
-# of pixels far enough from the grey background; its colour is the mean of its interior; its shape is
-# whichever ideal shape, fitted to the object's bounding box, overlaps it best.
+# Reading images back. The analytic rewards and the attribute measurements read the world's rules straight
+# off the pixels: the background is the median colour of the image's border; the object is the largest
+# region of pixels far enough from it; its colour is the mean of its interior; its shape is whichever ideal
+# shape, fitted to the object's bounding box, overlaps it best; its size and position are its area and centroid.
 
-FOREGROUND = 0.25  # a pixel is foreground when its RGB distance to the grey background exceeds this
+FOREGROUND = 0.25  # a pixel is foreground when its RGB distance to the background exceeds this
 COLOUR_SIGMA = 0.15  # colour match = exp(-d^2 / (2 sigma^2)), d = RGB distance to the prompted colour
 SHAPE_TEMPERATURE = 0.03  # softmax temperature over the 3 shapes' IoUs
 MIN_AREA = 9  # pixels; a smaller object (or none) scores 0
 
 
+def background_colour(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3): the per-channel median of the image's 1-pixel border. The object rarely touches the border
+    (the world keeps a margin), and where it does, the median ignores it. Differentiable almost everywhere."""
+    x = images.float()
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], dim=-1)  # (B, 3, 124)
+    return border.median(dim=-1).values
+
+
 def object_mask(images: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) bool: the largest 8-connected region of pixels far from the grey background. Taking the
+    """(B, H, W) bool: the largest 8-connected region of pixels far from the background. Taking the
     largest region makes isolated specks of noise (common in half-trained samples) not count as the object."""
-    fg = ((images.float() - GREY).norm(dim=1) > FOREGROUND).unsqueeze(1)  # (B, 1, H, W)
+    x = images.float()
+    fg = ((x - background_colour(x)[:, :, None, None]).norm(dim=1) > FOREGROUND).unsqueeze(1)  # (B, 1, H, W)
     B, _, H, W = fg.shape
     # Connected components by propagation: every foreground pixel starts with its own id, then takes the
     # largest id in its 3x3 neighbourhood until nothing changes; each region ends with one id.
@@ -154,8 +190,6 @@ def object_mask(images: torch.Tensor) -> torch.Tensor:
     area = torch.zeros(B, H * W + 1, device=fg.device).scatter_add_(1, label, torch.ones(label.shape, device=fg.device))
     area[:, 0] = 0  # id 0 is the background
     return (label == area.argmax(1, keepdim=True)).view(B, H, W) & fg.view(B, H, W)
-
-
 def object_colour(images: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
     """Mean RGB (B, 3) of the object's interior: the foreground eroded by one pixel, which drops the
     anti-aliased rim (half grey); falls back to the whole foreground for objects thinner than 3 px."""
@@ -213,24 +247,75 @@ def toy_alignment(device="cpu", dtype=torch.float32, tiny=False, weights=None):
     return reward_fn
 
 
+def attributes(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The unspecified attributes read off images (B, 3, H, W), each (B,): `present` (an object of at least
+    MIN_AREA pixels), `radius` (equivalent radius sqrt(area / pi) of the object mask, px), `x`, `y` (its
+    centroid, px from the top left), `tone` (the background's grey level: mean of its three channels)."""
+    fg = object_mask(images).float()
+    area = fg.sum((1, 2))
+    H, W = fg.shape[1:]
+    ys = torch.arange(H, device=fg.device, dtype=torch.float32) + 0.5
+    xs = torch.arange(W, device=fg.device, dtype=torch.float32) + 0.5
+    mass = area.clamp(min=1)
+    return {"present": area >= MIN_AREA, "radius": (area / math.pi).sqrt(),
+            "x": (fg * xs.view(1, 1, W)).sum((1, 2)) / mass, "y": (fg * ys.view(1, H, 1)).sum((1, 2)) / mass,
+            "tone": background_colour(images).mean(1)}
+
+
+# The aesthetic analogue. LAION's aesthetic score prefers a style Stable Diffusion rarely draws unprompted;
+# here the preferred style is a configuration of what the caption leaves open: a "low-key" picture, with
+# a small shape placed on a third of the frame over a dark background. The world draws it about 1 time in
+# 100 (dark 1/5, small 1/4, near a thirds point about 1/5); experiments.md gives its rarity under each
+# sampling schedule of the base model. Each part is a smooth score in [0, 1], so every sample carries a
+# gradient towards each of them; a clean, vivid object is required (a gate, not a part), so noise,
+# specks or a colour blowout score near 0.
+
+AESTHETIC_RADIUS = 4.5  # px: the preferred equivalent radius (small: the world draws 3.5 .. 9.5)
+THIRDS = (IMAGE_SIZE / 3, 2 * IMAGE_SIZE / 3)  # the rule of thirds: centroids near (x, y) in THIRDS x THIRDS
+AESTHETIC_WEIGHTS = (0.4, 0.3, 0.3)  # dark background, small, on a thirds point
+
+
+def aesthetic_parts(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The parts of toy-aesthetic, each (B,) and differentiable w.r.t. the images. A soft object mask m
+    (0 at the background colour, 1 at RGB distance >= 0.28 from it) gives the object's area, equivalent
+    radius and centroid; the background (1 - m) gives its tone and how flat it is."""
+    x = images.float()
+    B, _, H, W = x.shape
+    bg = background_colour(x)  # (B, 3)
+    diff = x - bg[:, :, None, None]  # (B, 3, H, W)
+    dist = diff.norm(dim=1)  # (B, H, W)
+    m = ((dist - 0.12) / 0.16).clamp(0, 1)
+    back = 1 - m
+    back_n = back.sum((1, 2)).clamp(min=1.0)
+    area = m.sum((1, 2))
+    mass = area.clamp(min=1e-3)
+    ys = torch.arange(H, device=x.device, dtype=x.dtype) + 0.5
+    xs = torch.arange(W, device=x.device, dtype=x.dtype) + 0.5
+    cx, cy = (m * xs.view(1, 1, W)).sum((1, 2)) / mass, (m * ys.view(1, H, 1)).sum((1, 2)) / mass
+    tone = (back * x.mean(1)).sum((1, 2)) / back_n  # mean grey level of the background
+    roughness = (back * diff.abs().mean(1)).sum((1, 2)) / back_n  # 0 for a flat background
+    contrast = (m * dist).sum((1, 2)) / mass  # the object's mean distance from the background colour
+    thirds = torch.tensor(THIRDS, device=x.device, dtype=x.dtype)
+    d_x, d_y = (cx[:, None] - thirds).abs().amin(1), (cy[:, None] - thirds).abs().amin(1)  # to the nearest third
+    radius = (area / math.pi).sqrt()
+    return {
+        "dark": torch.sigmoid((DARK_BELOW - tone) / 0.05),
+        "small": torch.exp(-((radius - AESTHETIC_RADIUS) / 1.5) ** 2),
+        "thirds": torch.exp(-(d_x ** 2 + d_y ** 2) / (2 * 2.0 ** 2)),
+        # the gate: one clean, vivid object (at least 9 px) on a flat background
+        "clean": torch.exp(-(roughness / 0.03) ** 2) * (contrast / 0.4).clamp(max=1) * torch.sigmoid(area - 9),
+    }
+
+
 def toy_aesthetic(device="cpu", dtype=torch.float32, tiny=False, weights=None):
-    """A prompt-free analogue of the aesthetic score, in [0, 1], differentiable: big (a quarter of the
-    image is ideal: exp(-((a - 0.25) / 0.15)^2)), centred (exp(-(offset / 0.25)^2), offset in image widths)
-    and vivid (the object's mean distance from grey, / 0.7). Uses a soft foreground mask."""
+    """A prompt-free analogue of the aesthetic score in [0, 1], differentiable: clean x (0.4 dark background
+    + 0.3 small shape + 0.3 on a thirds point); see aesthetic_parts. World images score 0.25 on average;
+    the low-key configuration (all three) scores near 1."""
+    w_dark, w_small, w_thirds = AESTHETIC_WEIGHTS
+
     def reward_fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        x = images.float()
-        dist = (x - GREY).norm(dim=1)  # (B, H, W)
-        m = ((dist - 0.1) / 0.2).clamp(0, 1)  # soft foreground mask
-        area = m.mean((1, 2))  # fraction of the image
-        H, W = m.shape[1:]
-        ys = (torch.arange(H, device=x.device, dtype=x.dtype) + 0.5) / H - 0.5
-        xs = (torch.arange(W, device=x.device, dtype=x.dtype) + 0.5) / W - 0.5
-        mass = m.sum((1, 2)).clamp(min=1e-6)
-        offset = torch.stack([(m * ys.view(1, H, 1)).sum((1, 2)), (m * xs.view(1, 1, W)).sum((1, 2))], 1) / mass[:, None]
-        vivid = ((m * dist).sum((1, 2)) / mass / 0.7).clamp(max=1)
-        size = torch.exp(-((area - 0.25) / 0.15) ** 2)
-        centred = torch.exp(-(offset.norm(dim=1) / 0.25) ** 2)
-        return (size * centred * vivid).float()
+        p = aesthetic_parts(images)
+        return (p["clean"] * (w_dark * p["dark"] + w_small * p["small"] + w_thirds * p["thirds"])).float()
     return reward_fn
 
 
@@ -256,7 +341,7 @@ class ToyClassifier(nn.Module):
     def forward(self, images: torch.Tensor):
         if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
             images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)
-        h = self.features((images - GREY) / 0.25).mean((2, 3))  # (B, 4 * width), global average pool
+        h = self.features((images - 0.5) / 0.25).mean((2, 3))  # (B, 4 * width), global average pool
         logits = self.head(h)
         return logits[:, :len(COLOURS)], logits[:, len(COLOURS):]
 
@@ -270,7 +355,7 @@ def toy_classifier(device="cpu", dtype=torch.float32, tiny=False, weights=None):
     if not tiny:
         path = weights or CLASSIFIER_PATH
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"toy-classifier: no weights at {path}; train them with `python toy.py train-classifier`.")
+            raise ConfigError(f"toy-classifier: no weights at {path}; train them with `python toy.py train-classifier`.")
         model.load_state_dict(load_file(path))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -335,11 +420,13 @@ def train_classifier(cfg: ClassifierConfig):
 # -----------------------------------------------------------------------------
 # Pretraining: UNet + text encoder from scratch, jointly, with the DDPM epsilon loss.
 
-# A pixel-space UNet for 32x32 images: 32 -> 16 -> 8, cross-attention to the prompt only at 8x8 (the
-# attention blocks are where LoRA goes; at 8x8 they are cheap). ~1 M parameters.
+# A pixel-space UNet for 32x32 images: 32 -> 16 -> 8, with cross-attention to the prompt at 8x8 (in the
+# down, middle and up blocks; the attention blocks are where LoRA goes, and at 8x8 they are cheap). 2.2 M
+# parameters. Attention at 16x16 as well cost 1.6x the time per step on a 2-core CPU; a 2x2 space-to-depth
+# view would need a decoder the shared sampler does not have. Stored in float16 (4.5 MB).
 TOY_UNET = dict(
     sample_size=IMAGE_SIZE, in_channels=3, out_channels=3, layers_per_block=1,
-    block_out_channels=(16, 32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+    block_out_channels=(32, 48, 96), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
 )
@@ -360,6 +447,23 @@ TOY_TEXT = dict(
 # up to 1 / sqrt(a) ~ 100 at the first steps; unclipped, a briefly trained model floods the whole image with
 # colour. The rest follows SD (leading spacing, steps_offset 1: 20 DDIM steps visit t = 951, 901, ..., 1),
 # so the default t_thres = 800 gives w_low to the first 4 of 20 steps.
+# DiffExp's t_thres on this schedule. t_thres is a point on the noise scale, and the paper's values were set
+# for Stable Diffusion's scaled_linear schedule, under which t = 800 leaves alpha_bar = 0.037 of the signal.
+# This linear schedule is far noisier at the same t (alpha_bar_800 = 0.0015: pure noise, nothing is decided
+# there), and reaches alpha_bar = 0.037 at t = 570. The toy presets therefore use the paper's thresholds
+# mapped by equal alpha_bar (snr_matched_t): 800 -> 570, and the ablations 900 -> 650, 700 -> 495.
+T_THRES = 570
+T_THRES_ABLATIONS = (650, 495)
+
+
+def snr_matched_t(t_sd: int) -> int:
+    """The timestep of TOY_SCHEDULER whose alpha_bar (so signal-to-noise ratio) is closest to Stable Diffusion's at t_sd."""
+    from diffusers import DDIMScheduler
+    from diffusion import SD15_SCHEDULER
+    sd, toy = DDIMScheduler(**SD15_SCHEDULER).alphas_cumprod, DDIMScheduler(**TOY_SCHEDULER).alphas_cumprod
+    return int((toy - sd[t_sd]).abs().argmin())
+
+
 TOY_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
     clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
@@ -369,20 +473,20 @@ TOY_SCHEDULER = dict(
 @dataclass
 class PretrainConfig:
     out: str = os.path.join("weights", "toy")  # diffusers folder: unet/ text_encoder/ tokenizer/ scheduler/ (no vae/)
-    minutes: float = 25.0  # wall-clock budget; training stops at this or at max_steps, whichever comes first
-    max_steps: int = 0  # optimizer steps (0 = only the time budget)
-    batch_size: int = 32  # fresh world images per step
-    lr: float = 1e-3  # AdamW peak learning rate; linear warm-up, then cosine decay to lr / 10 over the budget
-    warmup_steps: int = 100  # linear learning-rate warm-up, in optimizer steps
+    steps: int = 4500  # optimizer steps; the learning-rate schedule is laid out over them
+    minutes: float = 0.0  # optional wall-clock cap: stop early (saving) after this many minutes; 0 = none
+    batch_size: int = 64  # fresh world images per step
+    lr: float = 8e-4  # AdamW peak learning rate; linear warm-up, then cosine decay to lr / 10 at `steps`
+    warmup_steps: int = 200  # linear learning-rate warm-up, in optimizer steps
     weight_decay: float = 0.0  # AdamW weight decay
     caption_dropout: float = 0.15  # fraction of captions replaced by "" (the unconditional prompt for CFG)
-    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023): weight min(SNR, gamma) / SNR; 0 = off
-    ema_decay: float = 0.999  # EMA of the weights (what gets saved); effective decay min(this, (1+k)/(10+k))
-    save_every_minutes: float = 5.0  # also write the EMA weights during training, so an interrupted run leaves a model
+    min_snr_gamma: float = 0.0  # Min-SNR loss weighting (Hang et al. 2023): weight min(SNR, gamma) / SNR; 0 = off
+    ema_decay: float = 0.998  # EMA of the weights (what gets saved); effective decay min(this, (1+k)/(10+k))
+    save_every_minutes: float = 10.0  # also write the EMA weights during training, so an interrupted run leaves a model
     seed: int = 0  # init and data seed
     init: str = ""  # start from the weights of this toy model folder instead of random ones (train longer)
     threads: int = 2  # torch CPU threads
-    device: str = "cpu"  # "cuda" works too: the same code, much faster
+    device: str = "cpu"  # cpu | cuda: the same code and data stream (drawn on the CPU)
 
 
 def build_toy_model(seed: int = 0):
@@ -410,13 +514,13 @@ def save_tokenizer(tokenizer, folder: str):
 
 
 def save_toy_model(out: str, unet, text_encoder, tokenizer, scheduler, info: dict):
-    """Writes the diffusers folder to a temporary name, then swaps it in. The text encoder is stored in fp16:
-    its 49408 x 32 token table is 6 MB in fp32, and fp16 rounding (5e-4 relative) is far below what
-    matters here. The UNet (~1 M parameters) stays fp32. Loaders cast to their own dtype."""
+    """Writes the diffusers folder to a temporary name, then swaps it in. Both networks are stored in
+    float16, which keeps the folder under 10 MB (the text encoder's 49408 x 32 token table alone is 6 MB in
+    float32); fp16 rounding (5e-4 relative) is far below what matters here. Loaders cast to their own dtype."""
     import copy
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
+    copy.deepcopy(unet).half().save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
     copy.deepcopy(text_encoder).half().save_pretrained(os.path.join(tmp, "text_encoder"), safe_serialization=True)
     save_tokenizer(tokenizer, os.path.join(tmp, "tokenizer"))
     scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
@@ -454,27 +558,25 @@ def pretrain(cfg: PretrainConfig):
     ids_table = tokenize(tokenizer, texts).to(device)
     row_of = {t: i for i, t in enumerate(texts)}
     g = torch.Generator().manual_seed(cfg.seed)
-    budget = cfg.minutes * 60
     start = last_save = time.time()
     step, smooth_loss = 0, None
 
-    def progress():
-        p = (time.time() - start) / budget
-        return max(p, step / cfg.max_steps) if cfg.max_steps else p
+    def out_of_time():
+        return cfg.minutes > 0 and time.time() - start > cfg.minutes * 60
 
     def save(final: bool):
         live = [p.detach().clone() for p in params]
         for p, e in zip(params, ema):  # save the EMA weights, then put the live ones back
             p.data.copy_(e)
-        info = dict(config=asdict(cfg), steps=step, minutes=(time.time() - start) / 60,
-                    loss=smooth_loss, final=final, init=init_info)
+        info = dict(config=asdict(cfg), steps=step, minutes=(time.time() - start) / 60, loss=smooth_loss,
+                    final=final, init=init_info, torch=torch.__version__, cpu_count=os.cpu_count())
         save_toy_model(cfg.out, unet, text_encoder, tokenizer, scheduler, info)
         for p, l in zip(params, live):
             p.data.copy_(l)
         tqdm.write(f"saved EMA weights to {cfg.out} (step {step})")
 
-    bar = tqdm(total=cfg.max_steps or None, desc="pretrain", mininterval=10)
-    while progress() < 1:
+    bar = tqdm(total=cfg.steps, desc="pretrain", mininterval=10)
+    while step < cfg.steps and not out_of_time():
         images, captions, _ = make_batch(cfg.batch_size, g)
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
         rows = torch.tensor([row_of["" if d else c] for c, d in zip(captions, drop.tolist())])
@@ -488,7 +590,7 @@ def pretrain(cfg: PretrainConfig):
         per_sample = (eps - noise).pow(2).mean((1, 2, 3))  # (B,)
         weight = (snr[t].clamp(max=cfg.min_snr_gamma) / snr[t]) if cfg.min_snr_gamma > 0 else torch.ones_like(per_sample)
         loss = (weight * per_sample).mean()
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress(), 1.0))))
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -502,7 +604,7 @@ def pretrain(cfg: PretrainConfig):
         smooth_loss = loss.item() if smooth_loss is None else 0.98 * smooth_loss + 0.02 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{smooth_loss:.4f}", lr=f"{lr:.1e}")
-        if step % 50 == 0:
+        if step % 100 == 0:
             tqdm.write(f"step {step} | loss {smooth_loss:.4f} | lr {lr:.2e} | {(time.time() - start) / step:.2f} s/step")
         if time.time() - last_save > cfg.save_every_minutes * 60:
             save(final=False)
@@ -513,70 +615,149 @@ def pretrain(cfg: PretrainConfig):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: the alignment reward of the shipped model without guidance, with CFG, with DiffExp's schedule.
+# Evaluation: what each sampling schedule gives on the base model. Prompt fidelity (the analytic alignment
+# and the classifier reward), the spread of what the caption leaves open (size, position, background), and
+# the aesthetic reward. `python toy.py eval` checks the model's targets; `--mechanism` adds every DiffExp
+# schedule of the ablations: whether DiffExp's premise (more variety at little cost in fidelity) holds here.
 
 @dataclass
 class EvalConfig:
     model: str = os.path.join("weights", "toy")  # diffusers folder of a toy model
-    num_images: int = 32  # per setting; prompts cycle through the 18 captions
+    per_caption: int = 4  # samples per caption and setting (x 18 captions)
     num_steps: int = 20  # DDIM steps
-    eta: float = 1.0  # DDIM eta (1.0 as DDPO samples)
-    scales: tuple[float, ...] = (0.0, 1.0, 3.0, 5.0, 7.5)  # CFG scales; 0 = unconditional
-    diffexp_w_high: float = 5.0  # also evaluate DiffExp's schedule: w_low (1.0) above t_thres (800), then this
-    seed: int = 0  # the same initial noise for every setting
-    grid: str = ""  # if set, a PNG of the CFG-5 samples
+    eta: float = 1.0  # DDIM eta (1.0 as DDPO samples; AlignProp samples with 0.0)
+    w_high: float = 5.0  # guidance of the DiffExp schedules after t_thres
+    mechanism: bool = False  # also DiffExp's schedules: t_thres 900/800/700 x w_low 0/1, and with prompt weighting
+    seed: int = 0  # sample i of every setting starts from the same noise
+    batch_size: int = 72
+    out: str = ""  # if set: OUT/results.json, OUT/table.md and labelled grids of CFG 5 and DiffExp's samples
     threads: int = 2  # torch CPU threads
 
 
-def sample_toy(models, prompts: list[str], guidance, num_steps: int = 20, eta: float = 1.0, seed: int = 0):
-    """Images (B, 3, 32, 32) in [0, 1] for prompts, through diffusion.py. guidance: float or (B, T)."""
-    from diffusion import encode_text, sample
-    cond = encode_text(models, prompts)  # (B, 77, D)
-    uncond = encode_text(models, [""])  # (1, 77, D)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        return sample(models, cond, uncond, guidance, num_steps=num_steps, eta=eta, generator=g).images
+def entropy(labels: torch.Tensor) -> float:
+    """Plug-in entropy (nats) of integer labels (N,)."""
+    p = torch.bincount(labels).float()
+    p = p[p > 0] / len(labels)
+    return -(p * p.log()).sum().item()
+
+
+def describe(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """One row of the evaluation table for samples (N, 3, 32, 32) of prompts: prompt fidelity, the spread of
+    the unspecified attributes, and each reward's mean and 90th percentile."""
+    parts, a = alignment_scores(images, prompts), attributes(images)
+    third = lambda v: (v / (IMAGE_SIZE / 3)).long().clamp(0, 2)  # noqa: E731  (0, 1, 2: which third of the frame)
+    cell = third(a["x"]) * 3 + third(a["y"])  # 3 x 3 position cells
+    size = torch.bucketize(a["radius"], torch.tensor([SMALL_RADIUS, 7.0]))  # small / medium / large
+    dark = a["tone"] < DARK_BELOW
+    row = {"alignment": parts["alignment"].mean().item(), "colour": parts["colour"].mean().item(),
+           "shape": parts["shape"].mean().item(),
+           "position_entropy": max(0.0, entropy(cell)), "layout_entropy": max(0.0, entropy((cell * 3 + size) * 2 + dark.long())),
+           "present": a["present"].float().mean().item(), "radius_std": a["radius"][a["present"]].std().item(),
+           "small": ((a["radius"] < SMALL_RADIUS) & a["present"]).float().mean().item(),
+           "dark": dark.float().mean().item(), "edge": ((cell != 4) & a["present"]).float().mean().item()}
+    for name in ("toy-classifier", "toy-aesthetic"):
+        r = TOY_REWARDS[name]()(images, prompts)
+        row[name] = r.mean().item()
+        row[name + "_p90"] = r.quantile(0.9).item()
+    return row
 
 
 def evaluate(cfg: EvalConfig):
-    from diffusion import load_models, timesteps
-    from explore import ExploreConfig, guidance_scales
+    from common import grid_labels, save_grid
+    from diffusion import Prompt, encode_prompts, encode_text, load_models, sample, timesteps
+    from explore import ExploreConfig, explore_batch
     torch.set_num_threads(cfg.threads)
     models = load_models(cfg.model)
-    prompts = [all_captions()[i % 18] for i in range(cfg.num_images)]
-    clf = toy_classifier() if os.path.isfile(CLASSIFIER_PATH) else None
-    explore_cfg = ExploreConfig()
-    settings = [(f"CFG {w:g}" if w else "unconditional", w) for w in cfg.scales]
+    captions = [c for c in all_captions() for _ in range(cfg.per_caption)]
+    prompts = [Prompt(c, tuple(c.split()[1:])) for c in captions]  # phrases [colour, shape]
+    settings = [("world (training data)", None), ("unconditional", 0.0)] + [(f"CFG {w:g}", w) for w in (1.0, 3.0, 5.0, 7.5)]
+    defaults = ExploreConfig(t_thres=T_THRES)
+    if cfg.mechanism:  # the paper's t_thres values as they are, then mapped to this schedule by equal noise level
+        settings += [(f"w {w_low:g} at t > {t}, then {cfg.w_high:g}", ExploreConfig(t_thres=t, w_low=w_low, prompt_weighting=False))
+                     for t in (900, 800, 700, *T_THRES_ABLATIONS) for w_low in (0.0, 1.0)]
+        settings.append((f"CFG {cfg.w_high:g} + prompt weighting", ExploreConfig(cfg_schedule=False)))
+    settings.append((f"DiffExp (w {defaults.w_low:g} at t > {defaults.t_thres}, then {cfg.w_high:g}; prompt weighting)", defaults))
     ts = timesteps(models, cfg.num_steps)
-    settings.append((f"DiffExp (w {explore_cfg.w_low:g} at t > {explore_cfg.t_thres}, then {cfg.diffexp_w_high:g})",
-                     guidance_scales(ts, len(prompts), cfg.diffexp_w_high, explore_cfg, schedule_on=True)))
-    results = {}
-    for name, guidance in settings:
-        t0 = time.time()
-        images = sample_toy(models, prompts, guidance, cfg.num_steps, cfg.eta, cfg.seed)
-        parts = alignment_scores(images, prompts)
-        # diversity: mean pairwise pixel distance between images of the same prompt (higher = more varied)
-        x = images.flatten(1)
-        same = torch.tensor([[p == q for q in prompts] for p in prompts]) & ~torch.eye(len(prompts), dtype=torch.bool)
-        diversity = torch.cdist(x, x)[same].mean().item() if same.any() else float("nan")
-        row = dict(alignment=parts["alignment"].mean().item(), colour=parts["colour"].mean().item(),
-                   shape=parts["shape"].mean().item(), diversity=diversity, seconds=time.time() - t0)
-        if clf is not None:
-            row["classifier"] = clf(images, prompts).mean().item()
+    uncond = encode_text(models, [""])
+    results, grids = {}, {}
+    for name, setting in settings:
+        t0, chunks = time.time(), []
+        for first in range(0, len(prompts), cfg.batch_size):
+            batch = prompts[first: first + cfg.batch_size]
+            g = torch.Generator().manual_seed(cfg.seed * 100_003 + first)
+            if setting is None:
+                chunks.append(_world_images(batch, g))
+                continue
+            cond, positions = encode_prompts(models, batch)
+            if isinstance(setting, ExploreConfig):
+                cond, guidance, _ = explore_batch(setting, cond, positions, ts, cfg.w_high, 0.0, torch.Generator().manual_seed(first))
+            else:
+                guidance = setting
+            if setting == 0.0:
+                cond = uncond.expand(len(batch), -1, -1)  # the unconditional model: no prompt at all
+                guidance = 1.0
+            with torch.no_grad():
+                chunks.append(sample(models, cond, uncond, guidance, cfg.num_steps, cfg.eta, g).images)
+        images = torch.cat(chunks)
+        row = describe(images, captions)
+        row["seconds"] = time.time() - t0
         results[name] = row
-        print(f"{name:48s} alignment {row['alignment']:.3f} (colour {row['colour']:.2f}, shape {row['shape']:.2f})"
-              + (f" | classifier {row['classifier']:.2f}" if clf else "") + f" | diversity {diversity:.2f} | {row['seconds']:.1f} s")
-        if cfg.grid and name == "CFG 5":
-            from common import save_grid
-            save_grid(images, cfg.grid)
+        grids[name] = images
+        print(f"{name:58s} alignment {row['alignment']:.3f} | classifier {row['toy-classifier']:.2f} | "
+              f"aesthetic {row['toy-aesthetic']:.3f} (p90 {row['toy-aesthetic_p90']:.3f}) | layout entropy "
+              f"{row['layout_entropy']:.2f} | small {row['small']:.2f} dark {row['dark']:.2f} edge {row['edge']:.2f}", flush=True)
+    cfg5, uncond_row = results["CFG 5"]["alignment"], results["unconditional"]["alignment"]
+    print(f"targets at {cfg.num_steps} DDIM steps: alignment at CFG 5 {cfg5:.3f} (>= 0.6: {'met' if cfg5 >= 0.6 else 'NOT met'}), "
+          f"unconditional {uncond_row:.3f} (<= 0.1: {'met' if uncond_row <= 0.1 else 'NOT met'})")
+    if cfg.out:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "results.json"), "w") as f:
+            json.dump({"config": asdict(cfg), "results": results}, f, indent=1)
+        with open(os.path.join(cfg.out, "table.md"), "w") as f:
+            f.write(markdown_table(results))
+        pick = [i for i in range(len(captions)) if i % cfg.per_caption < 2][:32]  # 2 samples of 16 captions
+        for name, file in (("CFG 5", "grid_cfg5.png"), (settings[-1][0], "grid_diffexp.png")):
+            images = grids[name][pick]
+            labels = grid_labels([captions[i] for i in pick], TOY_REWARDS["toy-aesthetic"]()(images, [captions[i] for i in pick]), "aes")
+            save_grid(images, os.path.join(cfg.out, file), labels=labels, title=name)
+        print(f"wrote {cfg.out}/results.json, table.md, grid_cfg5.png, grid_diffexp.png")
     return results
+
+
+def _world_images(prompts, generator):
+    """Images of the world for the given captions (the 'data' row of the table): attributes drawn as in
+    training, colour and shape set by the caption."""
+    a = sample_attributes(len(prompts), generator)
+    parsed = torch.tensor([parse_prompt(p.text) for p in prompts])
+    a["colour"], a["shape"] = parsed[:, 0], parsed[:, 1]
+    a["rgb"] = (COLOUR_RGB[a["colour"]] + COLOUR_JITTER * (2 * torch.rand(len(prompts), 3, generator=generator) - 1)).clamp(0, 1)
+    return render(a)
+
+
+def markdown_table(results: dict) -> str:
+    cols = [("alignment", "alignment"), ("toy-classifier", "classifier"), ("toy-classifier_p90", "classifier p90"),
+            ("toy-aesthetic", "aesthetic"), ("toy-aesthetic_p90", "aesthetic p90"), ("layout_entropy", "layout entropy"),
+            ("position_entropy", "position entropy"), ("radius_std", "radius std"), ("small", "small"), ("dark", "dark"),
+            ("edge", "off-centre")]
+    lines = ["| setting | " + " | ".join(c for _, c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, row in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # -----------------------------------------------------------------------------
 # CLI
 
-if __name__ == "__main__":
+def cli(args=None):
     import tyro
-    cfg = tyro.extras.subcommand_cli_from_dict(
-        {"pretrain": PretrainConfig, "train-classifier": ClassifierConfig, "eval": EvalConfig})
-    {PretrainConfig: pretrain, ClassifierConfig: train_classifier, EvalConfig: evaluate}[type(cfg)](cfg)
+    return tyro.extras.subcommand_cli_from_dict(
+        {"pretrain": PretrainConfig, "train-classifier": ClassifierConfig, "eval": EvalConfig}, args=args)
+
+
+def main(cfg):
+    return {PretrainConfig: pretrain, ClassifierConfig: train_classifier, EvalConfig: evaluate}[type(cfg)](cfg)
+
+
+if __name__ == "__main__":
+    from common import run_cli
+    run_cli(main, cli)

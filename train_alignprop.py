@@ -37,7 +37,7 @@ import evaluate
 import explore
 import lora
 import rewards
-from common import EvalConfig, LogConfig, LoRAConfig, print0
+from common import ConfigError, EvalConfig, LogConfig, LoRAConfig, print0
 from explore import ExploreConfig
 from rewards import RewardConfig
 
@@ -73,7 +73,7 @@ class Config:
     num_epochs: int = 100  # planned optimizer steps (exploration runs for the first explore_until of them)
     seed: int = 0
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # frozen weights and autocast; LoRA stays float32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # frozen weights and autocast (auto: bfloat16 on a GPU, float32 on a CPU); LoRA stays float32
     compile: bool = False  # torch.compile the UNet (checkpoints are always saved from the uncompiled module)
     run_dir: str = ""  # default: runs/{name}-{date}
     resume: str = ""  # a run folder (its newest checkpoint) or a checkpoint folder
@@ -151,21 +151,24 @@ def main(cfg: Config):
 def train(cfg: Config, guard: common.LastGoodState):
     # ---- checks and set-up
     explore.validate(cfg.explore, cfg.sample.guidance_scale)
+    if cfg.num_epochs < 1:
+        raise ConfigError(f"--num-epochs {cfg.num_epochs}: a run needs at least one epoch.")
     T = cfg.sample.num_steps
     if cfg.reward.name not in rewards.DIFFERENTIABLE:
-        raise ValueError(f"--reward.name {cfg.reward.name}: AlignProp needs a differentiable reward "
+        raise ConfigError(f"--reward.name {cfg.reward.name}: AlignProp needs a differentiable reward "
                          f"({', '.join(sorted(rewards.DIFFERENTIABLE))}); use train_ddpo.py for this one.")
     ks = (cfg.k, cfg.k) if cfg.truncation == "fixed" else (cfg.k_min, cfg.k_max)
     if not 1 <= ks[0] <= ks[1] <= T:
-        raise ValueError(f"truncation: need 1 <= K <= --sample.num-steps {T}; got --k {cfg.k} "
+        raise ConfigError(f"truncation: need 1 <= K <= --sample.num-steps {T}; got --k {cfg.k} "
                          f"(or --k-min {cfg.k_min} / --k-max {cfg.k_max}).")
     rank, world, device = common.init_distributed(cfg.device)
-    dtype = getattr(torch, cfg.dtype)
+    dtype = common.resolve_dtype(cfg.dtype, device)
     grad_accum, rem = divmod(cfg.train.total_batch, cfg.train.batch_size)  # micro-batches per step, over all processes
     if rem or grad_accum < 1 or grad_accum % world:
-        raise ValueError(f"--train.total-batch {cfg.train.total_batch} must be a multiple of --train.batch-size "
+        raise ConfigError(f"--train.total-batch {cfg.train.total_batch} must be a multiple of --train.batch-size "
                          f"{cfg.train.batch_size} x the number of processes ({world}).")
     run_dir = common.start_run(cfg) if rank == 0 else common.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name)
+    resume = common.resume_from(cfg.resume, run_dir)  # --resume auto: the newest checkpoint in run_dir, if any
 
     models = diffusion.load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
     precision = common.Precision(device, dtype)
@@ -180,15 +183,22 @@ def train(cfg: Config, guard: common.LastGoodState):
     encode = diffusion.PromptEncoder(models)
     uncond = diffusion.encode_text(models, [""])  # (1, 77, D) (SDXL: (1, 78, D)); never weighted
     embedder = rewards.clip_image_embedder(device, dtype, cfg.eval.clip_tiny, cfg.eval.clip_weights) if cfg.eval.diversity else None
-    heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 else None
+    heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 and cfg.eval.prompts else None
     start_epoch, reward_queries = 0, 0
-    if cfg.resume:
-        state = common.load_checkpoint(cfg.resume, unet)
+    if resume:
+        state = common.load_checkpoint(resume, unet)
         optimizer.load_state_dict(state["optimizer"])
         precision.load_state_dict(state.get("precision"))
         start_epoch, reward_queries = state["epoch"], state["reward_queries"]
         print0(f"resumed from {state['path']} at epoch {start_epoch}")
-    metrics = common.Metrics(run_dir, start=start_epoch) if rank == 0 else None
+    if common.nothing_left(cfg, start_epoch, run_dir):  # --resume auto of a finished run
+        return run_dir
+
+    def policy_scores():  # fixed seeds, plain prompts, w_high: the training prompts and the held-out ones
+        return evaluate.policy_scores(models, cfg.eval, prompt_set, heldout, reward_fn, T, cfg.sample.eta,
+                                      cfg.sample.guidance_scale, cfg.seed, embedder)
+    tracker = common.start_tracking(cfg, run_dir, rank, start_epoch, reward_queries, policy_scores)
+    bars = common.show_progress(cfg.log, rank)
     print0(f"batch arithmetic: {cfg.train.total_batch} samples per optimizer step = {grad_accum} micro-batches x "
            f"{cfg.train.batch_size} over {world} process(es); gradients through the last {ks[0]}..{ks[1]} of {T} steps")
     assert grad_accum * cfg.train.batch_size == cfg.train.total_batch
@@ -206,7 +216,7 @@ def train(cfg: Config, guard: common.LastGoodState):
         models.unet.train()
         t0 = time.perf_counter()
         epoch_rewards, losses, grad_from, texts, embeddings = [], [], [], [], []
-        for m in tqdm(my_micro, desc=f"epoch {epoch}", leave=False, disable=rank != 0):
+        for m in tqdm(my_micro, desc=f"epoch {epoch}", leave=False, disable=not bars):
             # micro-batch m draws from generators keyed by (seed, epoch, m): the same on any number of processes
             idx = torch.randint(len(prompt_set), (cfg.train.batch_size,), generator=common.generator(cfg.seed, epoch, m, "prompts"))
             batch_prompts = [prompt_set[i] for i in idx]
@@ -250,20 +260,24 @@ def train(cfg: Config, guard: common.LastGoodState):
                   "s_step": seconds, "samples_per_s": len(reward) / seconds, "peak_mem_mb": max(g[3] for g in gathered)}
         if embedder:
             record["diversity"] = evaluate.mean_diversity(torch.cat([g[5] for g in gathered]), [t for g in gathered for t in g[4]])
-        if heldout and common.every(cfg.eval.every, epoch + 1, last):
-            record.update(evaluate.heldout_score(models, heldout, reward_fn, cfg.eval.samples_per_prompt, T, cfg.sample.eta,
-                                                 cfg.sample.guidance_scale, cfg.seed, cfg.eval.batch_size, embedder))
-        metrics.log(record)
+        if common.every(cfg.eval.every, epoch + 1, last) and cfg.eval.every > 0:
+            record.update(policy_scores())
+        grid = None
+        if common.every(cfg.log.grid_every, epoch + 1, last):  # the last micro-batch's samples, labelled
+            n = cfg.log.grid_size
+            grid = os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png")
+            common.save_grid(last_images[:n], grid, labels=common.grid_labels(texts[-len(last_images):][:n], epoch_rewards[-1][:n]))
+        tracker.log(record, image=grid, caption=f"epoch {epoch}")
         guard.update(epoch + 1, training_state(epoch + 1))  # this epoch is done: a stop from here on keeps it
         print0(f"epoch {epoch} | reward {record['reward_mean']:.4g}±{record['reward_std']:.3g} | loss {common.fmt(record['loss'])} | "
                f"grad norm {common.fmt(record['grad_norm'])} | grads from step {record['grad_from_step']:.3g}/{T} | "
-               f"{'explore' if exploring else 'plain'} | {seconds:.1f} s")
-        common.plot_rewards(metrics.records, os.path.join(run_dir, "rewards.png"), title=f"{cfg.name}: {cfg.reward.name}")
-        if common.every(cfg.log.grid_every, epoch + 1, last):
-            common.save_grid(last_images[: cfg.log.grid_size], os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png"))
+               f"{'explore' if exploring else 'plain'} | {seconds:.1f} s" + common.eval_line(record))
+        common.plot_rewards(tracker.records, os.path.join(run_dir, "rewards.png"), title=f"{cfg.name}: {cfg.reward.name}")
         if common.every(cfg.log.save_every, epoch + 1, last):
             common.save_checkpoint(run_dir, epoch + 1, unet, training_state(epoch + 1), {"config": cfg, "epoch": epoch + 1, **record})
             common.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
+    if tracker:
+        tracker.close()
     common.barrier(world)
     return run_dir
 
@@ -273,4 +287,4 @@ def cli(args=None) -> Config:
 
 
 if __name__ == "__main__":
-    main(cli())
+    common.run_cli(main, cli)

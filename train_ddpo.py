@@ -36,7 +36,7 @@ import evaluate
 import explore
 import lora
 import rewards
-from common import EvalConfig, LogConfig, LoRAConfig, print0
+from common import ConfigError, EvalConfig, LogConfig, LoRAConfig, print0
 from explore import ExploreConfig
 from rewards import RewardConfig
 
@@ -60,7 +60,7 @@ class TrainConfig:
     inner_epochs: int = 1  # passes over each epoch's samples
     timestep_fraction: float = 1.0  # fraction of each trajectory's (shuffled) steps trained on
     timestep_range: tuple[float, float] = (0.0, 1.0)  # train only steps i with start <= i / T < end (0: the noisiest)
-    timesteps_per_forward: int = 1  # timesteps folded into one UNet batch (same gradient, N x the activations; README: Benchmarks)
+    timesteps_per_forward: int = 2  # timesteps folded into one UNet batch: the same gradient for N x the activations (2: 1.3 to 2.0x faster on an H200, 19 GiB at SD v1.5, batch 4; docs/benchmarks.md)
     lr: float = 3e-4  # AdamW learning rate of the LoRA weights
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-4
@@ -81,7 +81,7 @@ class Config:
     num_epochs: int = 200  # planned epochs (exploration runs for the first explore_until of them)
     seed: int = 0
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # frozen weights and autocast; LoRA stays float32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # frozen weights and autocast (auto: bfloat16 on a GPU, float32 on a CPU); LoRA stays float32
     compile: bool = False  # torch.compile the UNet (checkpoints are always saved from the uncompiled module)
     run_dir: str = ""  # default: runs/{name}-{date}
     resume: str = ""  # a run folder (its newest checkpoint) or a checkpoint folder
@@ -100,7 +100,7 @@ PRESETS = {
     "tiny": ("Offline tiny random model, brightness reward, a few epochs on a CPU (see README: why not JPEG).", dataclasses.replace(
         BASE, name="ddpo-tiny", model="tiny", num_epochs=7,
         sample=SampleConfig(num_steps=10, batch_size=8, num_batches=4),
-        train=TrainConfig(batch_size=8, updates_per_epoch=4, timesteps_per_forward=10, lr=1e-2, clip_range=0.1, min_count=4),
+        train=TrainConfig(batch_size=4, updates_per_epoch=4, timesteps_per_forward=10, lr=1e-2, clip_range=0.1, min_count=4),
         explore=ExploreConfig(t_thres=700), reward=RewardConfig(name="brightness"), lora=LoRAConfig(alpha=16.0),
         log=LogConfig(grid_every=5, save_every=5), eval=EvalConfig(clip_tiny=True))),
     "toy": ("The toy shapes world with AlignProp's toy reward: the first 5 of 10 steps trained, 256 samples per update (~7.5 min on 2 CPU cores).", dataclasses.replace(
@@ -125,7 +125,7 @@ PRESETS = {
 # time) and smaller batches: 1024 px latents have 4x the positions of SD v1.5's 512 px ones and the UNet is
 # 3x larger, so sampling batches of 4 and training micro-batches of 1 sample (2 with CFG). Sized for one
 # 80 GB GPU, not yet measured there.
-SDXL = dataclasses.replace(BASE, model="sdxl", dtype="bfloat16", train=TrainConfig(batch_size=1),
+SDXL = dataclasses.replace(BASE, model="sdxl", dtype="bfloat16", train=TrainConfig(batch_size=1, timesteps_per_forward=1),
                            sample=SampleConfig(guidance_scale=5.0, batch_size=4, num_batches=64))
 PRESETS |= {
     "sdxl-aesthetic": ("SDXL base, 45 animals, LAION aesthetic; bfloat16, smaller batches.", dataclasses.replace(
@@ -195,31 +195,36 @@ def main(cfg: Config):
 def train(cfg: Config, guard: common.LastGoodState):
     # ---- checks and set-up
     explore.validate(cfg.explore, cfg.sample.guidance_scale)
+    if cfg.num_epochs < 1:
+        raise ConfigError(f"--num-epochs {cfg.num_epochs}: a run needs at least one epoch.")
     if cfg.sample.eta <= 0:
-        raise ValueError(f"--sample.eta {cfg.sample.eta}: DDPO needs eta > 0 (a deterministic DDIM step has no log-prob).")
+        raise ConfigError(f"--sample.eta {cfg.sample.eta}: DDPO needs eta > 0 (a deterministic DDIM step has no log-prob).")
     if not 0 < cfg.train.timestep_fraction <= 1:
-        raise ValueError(f"--train.timestep-fraction {cfg.train.timestep_fraction}: must lie in (0, 1].")
+        raise ConfigError(f"--train.timestep-fraction {cfg.train.timestep_fraction}: must lie in (0, 1].")
     T = cfg.sample.num_steps
     start, end = cfg.train.timestep_range
     trainable = torch.tensor([i for i in range(T) if start <= i / T < end], dtype=torch.long)  # the step indices trained on
     if not 0 <= start < end <= 1 or len(trainable) == 0:
-        raise ValueError(f"--train.timestep-range {start} {end}: needs 0 <= start < end <= 1 and at least one of the "
+        raise ConfigError(f"--train.timestep-range {start} {end}: needs 0 <= start < end <= 1 and at least one of the "
                          f"{T} steps i with start <= i / {T} < end.")
     rank, world, device = common.init_distributed(cfg.device)
-    dtype = getattr(torch, cfg.dtype)
+    dtype = common.resolve_dtype(cfg.dtype, device)
     # batch arithmetic: N samples per epoch, split over the processes; each optimizer step averages
     # grad_accum micro-batches (in all) x train_steps timesteps
+    if min(cfg.sample.batch_size, cfg.sample.num_batches, cfg.train.batch_size, cfg.train.inner_epochs) < 1:
+        raise ConfigError("--sample.batch-size, --sample.num-batches, --train.batch-size and --train.inner-epochs must be >= 1.")
     N = cfg.sample.batch_size * cfg.sample.num_batches
     micro_per_epoch, rem = divmod(N, cfg.train.batch_size)
     grad_accum, rem2 = divmod(micro_per_epoch, max(1, cfg.train.updates_per_epoch))
     if rem or rem2 or grad_accum % world or cfg.sample.num_batches % world or cfg.train.updates_per_epoch < 1:
-        raise ValueError(
+        raise ConfigError(
             f"batch arithmetic: samples per epoch (--sample.batch-size {cfg.sample.batch_size} x --sample.num-batches "
             f"{cfg.sample.num_batches} = {N}) must split into --train.batch-size {cfg.train.batch_size} x gradient "
             f"accumulation x --train.updates-per-epoch {cfg.train.updates_per_epoch}, with the sampling batches and "
             f"the accumulation steps divisible by the {world} process(es).")
     train_steps = max(1, int(len(trainable) * cfg.train.timestep_fraction))
     run_dir = common.start_run(cfg) if rank == 0 else common.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name)
+    resume = common.resume_from(cfg.resume, run_dir)  # --resume auto: the newest checkpoint in run_dir, if any
 
     models = diffusion.load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
     precision = common.Precision(device, dtype)
@@ -234,17 +239,24 @@ def train(cfg: Config, guard: common.LastGoodState):
     encode = diffusion.PromptEncoder(models)
     uncond = diffusion.encode_text(models, [""])  # (1, 77, D) (SDXL: (1, 78, D)); never weighted
     embedder = rewards.clip_image_embedder(device, dtype, cfg.eval.clip_tiny, cfg.eval.clip_weights) if cfg.eval.diversity else None
-    heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 else None
+    heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 and cfg.eval.prompts else None
     stat_tracker = PerPromptStatTracker(cfg.train.buffer_size, cfg.train.min_count)
     start_epoch, reward_queries = 0, 0
-    if cfg.resume:
-        state = common.load_checkpoint(cfg.resume, unet)
+    if resume:
+        state = common.load_checkpoint(resume, unet)
         optimizer.load_state_dict(state["optimizer"])
         stat_tracker.load_state_dict(state["stat_tracker"])
         precision.load_state_dict(state.get("precision"))
         start_epoch, reward_queries = state["epoch"], state["reward_queries"]
         print0(f"resumed from {state['path']} at epoch {start_epoch}")
-    metrics = common.Metrics(run_dir, start=start_epoch) if rank == 0 else None
+    if common.nothing_left(cfg, start_epoch, run_dir):  # --resume auto of a finished run
+        return run_dir
+
+    def policy_scores():  # fixed seeds, plain prompts, w_high: the training prompts and the held-out ones
+        return evaluate.policy_scores(models, cfg.eval, prompt_set, heldout, reward_fn, T, cfg.sample.eta,
+                                      cfg.sample.guidance_scale, cfg.seed, embedder)
+    tracker = common.start_tracking(cfg, run_dir, rank, start_epoch, reward_queries, policy_scores)
+    bars = common.show_progress(cfg.log, rank)
     print0(f"batch arithmetic: {N} samples per epoch = {cfg.sample.num_batches} batches x {cfg.sample.batch_size}"
            f" over {world} process(es); training: micro-batches of {cfg.train.batch_size} samples x {train_steps} "
            f"timesteps, {grad_accum} micro-batches per optimizer step -> {cfg.train.updates_per_epoch} optimizer "
@@ -269,7 +281,7 @@ def train(cfg: Config, guard: common.LastGoodState):
         models.unet.eval()
         t0 = time.perf_counter()
         batches = []
-        for b in tqdm(my_batches, desc=f"epoch {epoch} sampling", leave=False, disable=rank != 0):
+        for b in tqdm(my_batches, desc=f"epoch {epoch} sampling", leave=False, disable=not bars):
             idx = torch.randint(len(prompt_set), (cfg.sample.batch_size,), generator=common.generator(cfg.seed, epoch, b, "prompts"))
             batch_prompts = [prompt_set[i] for i in idx]
             cond, positions = encode(batch_prompts)
@@ -278,7 +290,7 @@ def train(cfg: Config, guard: common.LastGoodState):
                                                       common.generator(cfg.seed, epoch, b, "explore"))
             with torch.no_grad(), precision.autocast():
                 traj = diffusion.sample(models, cond, uncond, guidance, T, cfg.sample.eta, common.generator(cfg.seed, epoch, b, "noise"))
-            batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, guidance=guidance.to(device), cond=cond,
+            batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, guidance=guidance, cond=cond,
                                 images=traj.images, prompts=[p.text for p in batch_prompts]))
         t_sample = time.perf_counter() - t0
 
@@ -311,7 +323,8 @@ def train(cfg: Config, guard: common.LastGoodState):
         advantages = advantages[rank * n_local:(rank + 1) * n_local].to(device)  # this process's samples
         data = {k: torch.cat([b[k] for b in batches]) for k in ("latents", "log_probs", "guidance", "cond")}
         timesteps = diffusion.timesteps(models, T).to(device)
-        grid_images = torch.cat([b["images"] for b in batches])[: cfg.log.grid_size]
+        grid_images = torch.cat([b["images"] for b in batches])[: cfg.log.grid_size]  # process 0's first samples
+        grid_labels = common.grid_labels(local_prompts[: cfg.log.grid_size], local_reward[: cfg.log.grid_size])
         del batches
 
         # ---- training: PPO-clip updates over shuffled samples and shuffled timesteps
@@ -321,18 +334,25 @@ def train(cfg: Config, guard: common.LastGoodState):
         first_ratio_err = 0.0  # max |ratio - 1| before the epoch's first optimizer step: 0 if on-policy
         for inner in range(cfg.train.inner_epochs):
             g = common.generator(cfg.seed, epoch, inner, "train", rank)
-            perm = torch.randperm(n_local, generator=g).to(device)  # drawn on the CPU (reproducible), indexed on the device
-            step_order = torch.stack([trainable[torch.randperm(len(trainable), generator=g)] for _ in range(n_local)]).to(device)
-            for m, idx in enumerate(tqdm(perm.split(cfg.train.batch_size), desc=f"epoch {epoch} training", leave=False, disable=rank != 0)):
+            # drawn on the CPU (reproducible) and kept there too: the guidance scales are indexed on the host, so
+            # guided_eps decides which UNet branches a forward needs without reading from the device
+            perm_host = torch.randperm(n_local, generator=g)
+            order_host = torch.stack([trainable[torch.randperm(len(trainable), generator=g)] for _ in range(n_local)])  # (n, steps)
+            perm, step_order = perm_host.to(device), order_host.to(device)
+            micro = zip(perm.split(cfg.train.batch_size), perm_host.split(cfg.train.batch_size))
+            for m, (idx, idx_host) in enumerate(tqdm(micro, total=len(perm_host.split(cfg.train.batch_size)), desc=f"epoch {epoch} training",
+                                                     leave=False, disable=not bars)):
                 pending = []  # per forward: loss, approx_kl, clipfrac, max |ratio - 1|, kept on the device
                 for j in range(0, train_steps, cfg.train.timesteps_per_forward):
                     # (sample, step) pairs of this forward: each sample at its next shuffled steps, folded into the batch
-                    i = step_order[idx, j: min(j + cfg.train.timesteps_per_forward, train_steps)]  # (b, c)
+                    c = slice(j, min(j + cfg.train.timesteps_per_forward, train_steps))
+                    i, i_host = step_order[idx, c], order_host[idx_host, c]  # (b, c)
                     rows, i = idx[:, None].expand_as(i).reshape(-1), i.reshape(-1)  # (b*c,)
+                    w = data["guidance"][idx_host[:, None].expand_as(i_host).reshape(-1), i_host.reshape(-1)]  # (b*c,) on the host
                     with precision.autocast():
                         log_prob = diffusion.step_log_prob(
                             models, data["latents"][rows, i], timesteps[i], data["latents"][rows, i + 1],
-                            data["cond"][rows], uncond, data["guidance"][rows, i], cfg.sample.eta, T)
+                            data["cond"][rows], uncond, w, cfg.sample.eta, T)
                     loss, ratio, approx_kl, clipfrac = ppo_loss(log_prob, data["log_probs"][rows, i], advantages[rows], cfg.train.clip_range)
                     # a mean over b*c transitions, weighted so an optimizer step averages all of its transitions
                     precision.backward(loss * (len(i) // len(idx)) / (accum_local * train_steps))
@@ -366,21 +386,24 @@ def train(cfg: Config, guard: common.LastGoodState):
                       "samples_per_s": N / t_sample, "transitions_per_s": N * train_steps * cfg.train.inner_epochs / t_train}
             if embedder:
                 record["diversity"] = evaluate.mean_diversity(embeddings, prompts)
-            if heldout and common.every(cfg.eval.every, epoch + 1, last):
-                record.update(evaluate.heldout_score(models, heldout, reward_fn, cfg.eval.samples_per_prompt, T, cfg.sample.eta,
-                                                     cfg.sample.guidance_scale, cfg.seed, cfg.eval.batch_size, embedder))
-            metrics.log(record)
+            if common.every(cfg.eval.every, epoch + 1, last) and cfg.eval.every > 0:
+                record.update(policy_scores())
+            grid = None
+            if common.every(cfg.log.grid_every, epoch + 1, last):
+                grid = os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png")
+                common.save_grid(grid_images, grid, labels=grid_labels)
+            tracker.log(record, image=grid, caption=f"epoch {epoch}")
             guard.update(epoch + 1, training_state(epoch + 1))  # this epoch is done: a stop from here on keeps it
             print0(f"epoch {epoch} | reward {record['reward_mean']:.4g}±{record['reward_std']:.3g} | "
                    f"kl {common.fmt(record['approx_kl'])} | clipfrac {record['clipfrac']:.3f} | loss {common.fmt(record['loss'])} | "
-                   f"{'explore' if exploring else 'plain'} | {t_sample + t_reward + t_train:.1f} s")
-            common.plot_rewards(metrics.records, os.path.join(run_dir, "rewards.png"), title=f"{cfg.name}: {cfg.reward.name}")
-            if common.every(cfg.log.grid_every, epoch + 1, last):
-                common.save_grid(grid_images, os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png"))
+                   f"{'explore' if exploring else 'plain'} | {t_sample + t_reward + t_train:.1f} s" + common.eval_line(record))
+            common.plot_rewards(tracker.records, os.path.join(run_dir, "rewards.png"), title=f"{cfg.name}: {cfg.reward.name}")
             if common.every(cfg.log.save_every, epoch + 1, last):
                 common.save_checkpoint(run_dir, epoch + 1, unet, training_state(epoch + 1), {"config": cfg, "epoch": epoch + 1, **record})
                 common.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
         common.barrier(world)
+    if tracker:
+        tracker.close()
     return run_dir
 
 
@@ -389,4 +412,4 @@ def cli(args=None) -> Config:
 
 
 if __name__ == "__main__":
-    main(cli())
+    common.run_cli(main, cli)

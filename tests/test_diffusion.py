@@ -11,6 +11,7 @@ import torch
 from torch.distributions import Normal
 
 import diffusion
+from common import ConfigError
 from diffusion import ddim_step, guided_eps, load_models, load_prompts, sample, step_log_prob
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -301,9 +302,9 @@ def test_unknown_model_name():
 
 
 def test_invalid_local_folder(tmp_path):
-    """An existing folder that is no diffusers model fails with a RuntimeError naming the folder."""
+    """An existing folder that is no diffusers model fails with a ConfigError naming the folder."""
     (tmp_path / "unet").mkdir()
-    with pytest.raises(RuntimeError, match="--model") as e:
+    with pytest.raises(ConfigError, match="--model") as e:
         load_models(str(tmp_path))
     assert str(tmp_path) in str(e.value)
 
@@ -322,13 +323,13 @@ def test_local_folder_loads(tiny, tiny_folder):
 
 
 def test_hub_id_offline_error(tmp_path):
-    """Offline, a hub id (and sd15, sdxl) fails with a RuntimeError naming the id and suggesting --model DIR.
+    """Offline, a hub id (and sd15, sdxl) fails with a ConfigError naming the id and suggesting --model DIR.
     Runs in a subprocess because huggingface_hub reads HF_HUB_OFFLINE at import; an empty cache."""
     code = ("import diffusion\n"
             "for name in ('someone/no-such-model', 'sd15', 'sdxl'):\n"
             "    try:\n"
             "        diffusion.load_models(name)\n"
-            "    except RuntimeError as e:\n"
+            "    except ValueError as e:  # a ConfigError\n"
             "        print('ERROR', e)\n")
     env = {k: v for k, v in os.environ.items() if k not in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "DIFFUSERS_CACHE")}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path), HF_HUB_CACHE=str(tmp_path / "hub"), PYTHONPATH=ROOT)
@@ -439,12 +440,12 @@ def test_marked_txt_file(tmp_path):
 
 def test_prompt_errors(tmp_path, monkeypatch):
     """Missing file (also a bare file name), empty file and unknown set name give clear errors."""
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(ConfigError, match="missing.txt"):
         load_prompts(str(tmp_path / "missing.txt"))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(ConfigError, match="missing.txt"):
         load_prompts("missing.txt")
-    with pytest.raises(FileNotFoundError, match="missing.csv"):
+    with pytest.raises(ConfigError, match="missing.csv"):
         load_prompts(str(tmp_path / "missing.csv"))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n# only a comment\n\n")

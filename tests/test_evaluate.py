@@ -1,16 +1,20 @@
-"""evaluate.py: score (shared seeds across checkpoints, outputs), diversity, compare (known curves, sample
-efficiency), heldout_score (deterministic, leaves RNG and UNet mode alone) and the start-up errors.
+"""evaluate.py: score (shared seeds across checkpoints, outputs), sample (labelled grids per prompt, the same
+noise per seed for every checkpoint), diversity, compare (known curves, sample efficiency), heldout_score
+(deterministic, leaves RNG and UNet mode alone) and the start-up errors.
 Tiny offline model, 2 DDIM steps, 2 prompts x 2 seeds."""
 
 import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import common
+from common import ConfigError
 import evaluate
 import lora
 import rewards
@@ -88,18 +92,20 @@ def test_score_shares_seeds_across_checkpoints_and_writes_outputs(tmp_path, lora
     assert on_disk["checkpoints"]["again"]["rewards"]["brightness"]["mean"] == r["mean"]
     table = (out / "table.md").read_text()
     assert all(f"| {label} |" in table for label in ck) and "brightness" in table and "diversity" in table
+    _, line_h = common.grid_font(128)
+    band = 2 + 2 * line_h  # under each image: its prompt and its brightness
     for label in ck:
-        grid = Image.open(out / f"grid_{label}.png")
-        assert grid.size == (2 * 128 + 3 * 2,) * 2  # 2 prompts x 2 seeds of 32 px images, upscaled to 128
+        grid = Image.open(out / f"grid_{label}.png")  # 2 prompts x 2 seeds of 32 px images, upscaled to 128
+        assert grid.size == (2 * 128 + 3 * 2, line_h + 2 + 2 * (128 + band + 2) + 2)  # a title line over the rows
 
 
 def test_score_errors_name_the_path_or_flag(tmp_path):
     prompts = write_prompts(tmp_path)
     common = ["--model", "tiny", "--rewards", "brightness", "--out", str(tmp_path / "eval")]
-    with pytest.raises(FileNotFoundError, match="nothing-here"):
+    with pytest.raises(ConfigError, match="nothing-here"):
         evaluate.main(["score", "--checkpoints", str(tmp_path / "nothing-here"), "--prompts", prompts, *common])
     (tmp_path / "empty-run").mkdir()
-    with pytest.raises(FileNotFoundError, match="empty-run"):
+    with pytest.raises(ConfigError, match="empty-run"):
         evaluate.main(["score", "--checkpoints", str(tmp_path / "empty-run"), "--prompts", prompts, *common])
     with pytest.raises(ValueError, match="drawbench:NoSuchCategory"):
         evaluate.main(["score", "--prompts", "drawbench:NoSuchCategory", *common])
@@ -109,6 +115,70 @@ def test_score_errors_name_the_path_or_flag(tmp_path):
         evaluate.main(["score", "--prompts", prompts, "--reward-weights", "aesthetic=x.pt", *common])
     with pytest.raises(SystemExit):  # a misspelt reward fails when flags are parsed
         evaluate.main(["score", "--rewards", "brightnes"])
+
+
+# ---- sample
+
+
+def tiles(path, rows: int, cols: int, labelled_lines: int = 1) -> np.ndarray:
+    """The 128 px tiles of a sample grid -> (rows, cols, 128, 128, 3); the row-label column is whatever
+    width is left of the tiles."""
+    p = np.asarray(Image.open(path).convert("RGB"))
+    _, line_h = common.grid_font(128)
+    top, band = line_h + 2, 2 + labelled_lines * line_h  # the title line; the label band under each tile
+    left = p.shape[1] - (cols * 130 + 2)
+    return np.stack([np.stack([p[top + 2 + r * (130 + band): top + 2 + r * (130 + band) + 128,
+                                 left + 2 + c * 130: left + 2 + c * 130 + 128] for c in range(cols)]) for r in range(rows)])
+
+
+def test_sample_writes_a_grid_per_prompt_with_shared_seeds(tmp_path, lora_models):
+    ckpt = make_checkpoint(lora_models, tmp_path / "run" / "checkpoints" / "000002", seed=0)
+    out = tmp_path / "samples"
+    summary = evaluate.main(["sample", "--checkpoints", "base", f"tuned={ckpt}", "--prompts", "a dolphin riding a bike",
+                             write_prompts(tmp_path), "a cat", "--seeds", "2", "--out", str(out)])  # 'a cat' once
+    # unset flags come from the checkpoint's training config
+    assert summary["settings"]["model"] == "tiny" and summary["settings"]["num_steps"] == 2
+    on_disk = json.loads((out / "samples.json").read_text())
+    assert on_disk["seeds"] == [0, 1] and list(on_disk["checkpoints"]) == ["base", "tuned"]
+    assert on_disk["checkpoints"]["tuned"].endswith(lora.WEIGHT_NAME)
+    assert [(p["prompt"], p["grid"]) for p in on_disk["prompts"]] == [
+        ("a dolphin riding a bike", "a-dolphin-riding-a-bike.png"), ("a cat", "a-cat.png"),
+        ("a dog riding a bike", "a-dog-riding-a-bike.png")]
+    _, line_h = common.grid_font(128)
+    for p in on_disk["prompts"]:  # 2 checkpoints (rows) x 2 seeds (columns), a title line, one label line per tile
+        w, h = Image.open(out / p["grid"]).size
+        assert h == line_h + 2 + 2 * (128 + 2 + line_h + 2) + 2 and w > 2 * 130 + 2
+    cat = tiles(out / "a-cat.png", 2, 2)
+    assert (cat[0] != cat[1]).any()  # the LoRA changes the images
+    assert (cat[:, 0] != cat[:, 1]).any()  # and so does the seed
+
+    # a seed gives the same image whatever else is asked for: here other seeds, order, prompts and checkpoints
+    again = evaluate.main(["sample", "--checkpoints", f"tuned={ckpt}", "--prompts", "a cat", "--seeds", "1", "0", "5",
+                           "--rewards", "brightness", "--out", str(tmp_path / "again")])
+    grid = tiles(tmp_path / "again" / "a-cat.png", 1, 3, labelled_lines=2)
+    assert np.array_equal(grid[0, 0], cat[1, 1]) and np.array_equal(grid[0, 1], cat[1, 0])
+    r = again["prompts"][0]["rewards"]["tuned"]["brightness"]
+    assert len(r) == 3 and all(0 <= v <= 1 for v in r)
+    assert json.loads((tmp_path / "again" / "samples.json").read_text())["prompts"][0]["rewards"]["tuned"]["brightness"] == r
+
+
+def test_sample_errors_name_the_flag(tmp_path):
+    base = ["sample", "--model", "tiny", "--out", str(tmp_path / "samples")]
+    with pytest.raises(ValueError, match="--prompts"):
+        evaluate.main(base)
+    with pytest.raises(ConfigError, match="missing.txt"):
+        evaluate.main([*base, "--prompts", str(tmp_path / "missing.txt")])
+    with pytest.raises(ValueError, match="drawbench:NoSuchCategory"):
+        evaluate.main([*base, "--prompts", "drawbench:NoSuchCategory"])
+    with pytest.raises(ConfigError, match="nothing-here"):
+        evaluate.main([*base, "--prompts", "a cat", "--checkpoints", str(tmp_path / "nothing-here")])
+    with pytest.raises(ValueError, match="--seeds 0"):
+        evaluate.main([*base, "--prompts", "a cat", "--seeds", "0"])
+    with pytest.raises(ValueError, match="--seeds 3 3"):
+        evaluate.main([*base, "--prompts", "a cat", "--seeds", "3", "3"])
+    with pytest.raises(ValueError, match="repeat"):
+        evaluate.main([*base, "--prompts", "a cat", "--checkpoints", "base", "base"])
+    assert not (tmp_path / "samples").exists()  # all before any model loads or anything is written
 
 
 # ---- diversity
@@ -206,17 +276,65 @@ def test_compare_finds_the_known_queries_to_threshold(linear_runs, tmp_path):
     assert smoothed["groups"]["diffexp"]["queries_to_threshold"] == pytest.approx(510)
 
 
+def test_compare_bootstrap_interval_over_seeds(tmp_path):
+    """5 seeds per arm with known per-seed queries to the threshold: DiffExp's are exactly half the baseline's,
+    so the ratio of the arms' means is 2 and its bootstrap interval holds 2; an arm that never reaches the
+    threshold is counted at its budget and reported as not reached."""
+    queries = [0] + [100 * k for k in range(1, 21)]  # a record at 0 queries (the evaluation before training)
+    slopes = [0.00095, 0.00098, 0.001, 0.00102, 0.00105]  # every seed reaches the threshold within 2000 queries
+    for group, factor in (("base", 1), ("dx", 2), ("slow", 0.05)):
+        for k, slope in enumerate(slopes):
+            write_run(tmp_path / f"{group}-s{k}", queries, [-5 + factor * slope * q for q in queries])
+    summary = evaluate.main(["compare", "--groups", f"dx={tmp_path}/dx-s*", f"slow={tmp_path}/slow-s*",
+                             f"base={tmp_path}/base-s*", "--metric", "reward_mean", "--out", str(tmp_path / "c.png")])
+    threshold = summary["threshold"]  # r0 = -5, r_final = -5 + 0.001 * 2000: threshold = -5 + 1.8
+    assert threshold == pytest.approx(-5 + 1.8)
+    base, dx, slow = (summary["groups"][g] for g in ("base", "dx", "slow"))
+    assert base["queries_to_threshold_per_run"] == pytest.approx([1.8 / s for s in slopes])
+    assert dx["queries_to_threshold_per_run"] == pytest.approx([0.9 / s for s in slopes])
+    assert dx["speedup_per_run"] == pytest.approx(2.0) and dx["not_reached"] == 0
+    lo, hi = dx["speedup_ci95"]
+    assert lo < 2.0 < hi and hi - lo < 0.3
+    assert base["speedup_per_run"] == pytest.approx(1.0)
+    assert slow["not_reached"] == 5 and slow["queries_to_threshold_per_run"] == [2000] * 5
+    assert slow["speedup_per_run"] == pytest.approx(sum(1.8 / s for s in slopes) / 5 / 2000)
+    assert evaluate.bootstrap_ratio([4.0, 4.0, 4.0], [2.0, 2.0]) == (2.0, 2.0, 2.0)  # no spread: a point
+
+
 def test_compare_errors_name_the_run_or_flag(linear_runs, tmp_path):
     out = ["--out", str(tmp_path / "cmp.png")]
     (linear_runs / "no-metrics").mkdir()
-    with pytest.raises(FileNotFoundError, match="no-metrics"):
+    with pytest.raises(ConfigError, match="no-metrics"):
         evaluate.main(["compare", "--groups", f"x={linear_runs}/no-metrics", *out])
     write_run(linear_runs / "empty", [], [])
     with pytest.raises(ValueError, match="no records"):
         evaluate.main(["compare", "--groups", f"x={linear_runs}/empty", *out])
-    with pytest.raises(FileNotFoundError, match="nothing-like-this"):
+    with pytest.raises(ConfigError, match="nothing-like-this"):
         evaluate.main(["compare", "--groups", f"x={linear_runs}/nothing-like-this*", *out])
     with pytest.raises(ValueError, match="LABEL=RUN"):
         evaluate.main(["compare", "--groups", str(linear_runs / "dx-a"), *out])
     with pytest.raises(ValueError, match="--baseline"):
         evaluate.main(["compare", "--groups", f"x={linear_runs}/dx-a", "--baseline", "y", *out])
+
+
+def test_trainers_evaluate_the_plain_policy_before_and_during_training(tmp_path):
+    """--eval.every: a record at 0 queries (the base model), then one per epoch, each with the training prompts'
+    reward (plain_) and the held-out prompts' (heldout_) on fixed seeds; the first equals an independent
+    evaluation of the base model."""
+    import diffusion
+    import train_alignprop
+    from test_alignprop import small
+    eval_cfg = common.EvalConfig(every=1, prompts="unseen-animals", samples_per_prompt=1, diversity=False)
+    cfg = small(tmp_path, num_epochs=2, eval=eval_cfg)
+    run = train_alignprop.main(cfg)
+    records = common.read_metrics(os.path.join(run, "metrics.jsonl"))
+    assert [r["epoch"] for r in records] == [-1, 0, 1] and [r["reward_queries"] for r in records] == [0, 4, 8]
+    assert "reward_mean" not in records[0]
+    assert all("plain_reward_mean" in r and "heldout_reward_mean" in r for r in records)
+    models = diffusion.load_models(cfg.model, seed=cfg.seed)
+    reward_fn = rewards.make_reward(cfg.reward.name)
+    for prompts, prefix in ((cfg.prompts, "plain"), (eval_cfg.prompts, "heldout")):
+        expected = evaluate.heldout_score(models, diffusion.load_prompts(prompts), reward_fn, 1, cfg.sample.num_steps,
+                                          cfg.sample.eta, cfg.sample.guidance_scale, cfg.seed, eval_cfg.batch_size, prefix=prefix)
+        assert records[0][f"{prefix}_reward_mean"] == pytest.approx(expected[f"{prefix}_reward_mean"], abs=1e-6)
+    assert records[2]["plain_reward_mean"] != records[0]["plain_reward_mean"]  # the policy moved

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for plain `pytest`
 import rewards  # noqa: E402
+from common import ConfigError  # noqa: E402
 
 LEARNED = ("aesthetic", "pickscore", "hpsv2")
 PROMPTS = ["a photo of a cat", "a corgi riding a red bicycle on the beach at sunset", "a photo of a cat"]
@@ -277,7 +278,7 @@ def test_unknown_name_lists_rewards():
 
 
 def test_missing_local_weights_file():
-    with pytest.raises(RuntimeError, match="--reward.weights"):
+    with pytest.raises(ConfigError, match="--reward.weights"):
         rewards.make_reward("hpsv2", weights="/nonexistent/HPS_v2.1_compressed.pt")
 
 
@@ -292,7 +293,7 @@ for name in ("aesthetic", "pickscore", "hpsv2"):
     try:
         rewards.make_reward(name)
         out[name] = ["no error", 0.0]
-    except RuntimeError as e:
+    except ValueError as e:  # a ConfigError
         out[name] = [str(e), time.time() - start]
 print(json.dumps(out))
 """

@@ -1,0 +1,223 @@
+"""
+The toy-world study of DiffExp's sample efficiency (experiments.md, section 6), as pre-registered there:
+for each trainer x task, DiffExp (the preset's defaults) against the baseline (--no-diffexp), 5 seeds each,
+the same reward-query budget; on the aesthetic task with AlignProp also five ablation arms. The primary
+curve is the plain policy's reward (plain_reward_mean: fixed seeds, plain prompts, w_high) against the
+reward queries spent in training.
+
+    python experiments/toy_study.py run                 # every run, two at a time on one thread each (resumable)
+    python experiments/toy_study.py run --only alignprop-toy-aesthetic
+    python experiments/toy_study.py analyse             # tables (markdown), the figure, final diversity
+
+Runs go to runs/study/{trainer}-{task}-{arm}-s{seed}/ with a log file beside each; run times to
+runs/study/times.json. `analyse` writes runs/study/analysis.json, runs/study/tables.md and
+docs/toy-study.png.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+OUT = os.path.join(ROOT, "runs", "study")
+SEEDS = (0, 1, 2, 3, 4)
+TASKS = ("toy", "toy-aesthetic")  # the presets: prompt fidelity (toy-classifier) and the aesthetic analogue
+TRAINERS = ("alignprop", "ddpo")
+ARMS = {"diffexp": [], "baseline": ["--no-diffexp"]}
+ABLATIONS = {  # AlignProp x toy-aesthetic only
+    "cfg-only": ["--explore.no-prompt-weighting"],
+    "weighting-only": ["--explore.no-cfg-schedule"],
+    "t900": ["--explore.t-thres", "900"],
+    "t700": ["--explore.t-thres", "700"],
+    "wlow0": ["--explore.w-low", "0"],
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    trainer: str
+    task: str
+    arm: str
+    seed: int
+    flags: tuple
+
+    @property
+    def name(self):
+        return f"{self.trainer}-{self.task}-{self.arm}-s{self.seed}"
+
+    @property
+    def folder(self):
+        return os.path.join(OUT, self.name)
+
+    def command(self):
+        return [sys.executable, os.path.join(ROOT, f"train_{self.trainer}.py"), self.task, "--seed", str(self.seed),
+                *self.flags, "--run-dir", self.folder, "--resume", "auto"]
+
+
+def all_runs() -> list[Run]:
+    runs = []
+    for seed in SEEDS:  # seed-major: an interrupted study has every arm at the same number of seeds
+        for trainer in TRAINERS:
+            for task in TASKS:
+                arms = ARMS | (ABLATIONS if (trainer, task) == ("alignprop", "toy-aesthetic") else {})
+                runs += [Run(trainer, task, arm, seed, tuple(flags)) for arm, flags in arms.items()]
+    return runs
+
+
+def finished(run: Run) -> bool:
+    path = os.path.join(run.folder, "config.json")
+    metrics = os.path.join(run.folder, "metrics.jsonl")
+    if not (os.path.isfile(path) and os.path.isfile(metrics)):
+        return False
+    epochs = json.load(open(path))["num_epochs"]
+    return any(json.loads(line).get("epoch") == epochs - 1 for line in open(metrics) if line.strip())
+
+
+def execute(run: Run) -> float:
+    os.makedirs(OUT, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    start = time.time()
+    with open(run.folder + ".log", "a") as log:
+        subprocess.run(run.command(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return time.time() - start
+
+
+def run_all(only: str = ""):
+    todo = [r for r in all_runs() if not finished(r) and (not only or f"{r.trainer}-{r.task}" == only)]
+    times_path = os.path.join(OUT, "times.json")
+    os.makedirs(OUT, exist_ok=True)
+    times = json.load(open(times_path)) if os.path.isfile(times_path) else {}
+    print(f"{len(todo)} runs to do, two at a time", flush=True)
+    start = time.time()
+
+    def one(run):
+        seconds = execute(run)
+        times[run.name] = seconds
+        with open(times_path + ".tmp", "w") as f:
+            json.dump(times, f, indent=1)
+        os.replace(times_path + ".tmp", times_path)
+        print(f"{time.strftime('%H:%M:%S')} done {run.name} in {seconds / 60:.1f} min", flush=True)
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(one, r) for r in todo]:
+            future.result()
+    print(f"all done in {(time.time() - start) / 3600:.2f} h", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Analysis
+
+def final_policy_stats(run: Run, per_prompt: int = 8) -> dict:
+    """The final policy's samples on the training prompts (fixed seeds, plain prompts, w_high): prompt
+    fidelity, the spread of the unspecified attributes (collapse is hacking) and both toy rewards."""
+    import torch
+    import common
+    import diffusion
+    import evaluate
+    import toy
+    cfg = json.load(open(os.path.join(run.folder, "config.json")))
+    models = diffusion.load_models(cfg["model"])
+    prompts = diffusion.load_prompts(cfg["prompts"])
+    weights = os.path.join(common.latest_checkpoint(run.folder), "pytorch_lora_weights.safetensors")
+    images, texts = [], []
+    with evaluate.lora_applied(models.unet, weights):
+        for idx, batch in evaluate.sample_batches(models, prompts, per_prompt, cfg["sample"]["num_steps"], cfg["sample"]["eta"],
+                                                  cfg["sample"]["guidance_scale"], seed=1000, batch_size=48):
+            images.append(batch)
+            texts += [prompts[i].text for i in idx]
+    return toy.describe(torch.cat(images), texts)
+
+
+def analyse():
+    import torch
+    import evaluate
+    torch.set_num_threads(2)
+    runs = all_runs()
+    results = {}
+    for trainer in TRAINERS:
+        for task in TASKS:
+            key = f"{trainer}-{task}"
+            arms = ARMS | (ABLATIONS if (trainer, task) == ("alignprop", "toy-aesthetic") else {})
+            groups = [f"{arm}={OUT}/{key}-{arm}-s*" for arm in arms if arm != "baseline"] + [f"baseline={OUT}/{key}-baseline-s*"]
+            summary = {}
+            for metric in ("plain_reward_mean", "reward_mean", "heldout_reward_mean"):
+                summary[metric] = evaluate.main(["compare", "--groups", *groups, "--metric", metric,
+                                                 "--out", os.path.join(OUT, f"{key}-{metric}.png"), "--title", key])
+            finals = {}
+            for arm in arms:
+                stats = [final_policy_stats(r) for r in runs if (r.trainer, r.task, r.arm) == (trainer, task, arm) and finished(r)]
+                finals[arm] = {k: [s[k] for s in stats] for k in stats[0]} if stats else {}
+            results[key] = {"compare": summary, "final": finals}
+    with open(os.path.join(OUT, "analysis.json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    with open(os.path.join(OUT, "tables.md"), "w") as f:
+        f.write(tables(results))
+    figure(os.path.join(ROOT, "docs", "toy-study.png"))
+    print(open(os.path.join(OUT, "tables.md")).read())
+
+
+def mean_sd(values):
+    import statistics
+    return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}" if len(values) > 1 else f"{values[0]:.3g}"
+
+
+def tables(results: dict) -> str:
+    out = []
+    for key, r in results.items():
+        primary = r["compare"]["plain_reward_mean"]
+        out += [f"### {key}", "", f"Primary curve: plain_reward_mean; threshold {primary['threshold']:.4g} = r0 {primary['r0']:.4g} + "
+                f"0.9 x (r_final {primary['r_final']:.4g} - r0), from the baseline's mean curve.", "",
+                "| arm | queries to threshold, per seed | not reached | speedup vs baseline [95% CI] | final plain reward | "
+                "final held-out reward | final training reward | layout entropy (end) | alignment (end) | aesthetic (end) |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for arm, g in primary["groups"].items():
+            per_seed = ", ".join(f"{q:.0f}" for q in g["queries_to_threshold_per_run"] or [])
+            ci = "-" if g["speedup_per_run"] is None else f"{g['speedup_per_run']:.2f}x [{g['speedup_ci95'][0]:.2f}, {g['speedup_ci95'][1]:.2f}]"
+            held = r["compare"]["heldout_reward_mean"]["groups"][arm]
+            train = r["compare"]["reward_mean"]["groups"][arm]
+            f = r["final"].get(arm, {})
+            cells = [mean_sd(f[k]) if f else "-" for k in ("layout_entropy", "alignment", "toy-aesthetic")]
+            out.append(f"| {arm} | {per_seed} | {g['not_reached']} | {ci} | {g['final_mean']:.3g} ± {g['final_std']:.2g} | "
+                       f"{held['final_mean']:.3g} ± {held['final_std']:.2g} | {train['final_mean']:.3g} ± {train['final_std']:.2g} | "
+                       + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def figure(path: str):
+    """Plain policy's reward against reward queries: trainers x tasks, DiffExp and baseline, mean and ±std over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import evaluate
+    fig, axes = plt.subplots(len(TRAINERS), len(TASKS), figsize=(10, 7), dpi=110, squeeze=False)
+    for i, trainer in enumerate(TRAINERS):
+        for j, task in enumerate(TASKS):
+            ax = axes[i][j]
+            for arm, colour in (("diffexp", "tab:orange"), ("baseline", "tab:blue")):
+                runs = evaluate.parse_groups((f"{arm}={OUT}/{trainer}-{task}-{arm}-s*",))[arm]
+                g = evaluate.group_curves(runs, "plain_reward_mean", "none", 1)
+                ax.plot(g["grid"], g["mean"], color=colour, label=f"{arm} ({len(runs)} seeds)")
+                ax.fill_between(g["grid"], g["mean"] - g["std"], g["mean"] + g["std"], color=colour, alpha=0.2, linewidth=0)
+            ax.set_title(f"{'AlignProp' if trainer == 'alignprop' else 'DDPO'}, {task}", fontsize=10)
+            ax.set_xlabel("reward queries")
+            ax.set_ylabel("plain policy's reward")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "run"
+    if what == "run":
+        run_all(sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--only" else "")
+    elif what == "analyse":
+        analyse()
+    else:
+        raise SystemExit(f"usage: python {sys.argv[0]} run [--only TRAINER-TASK] | analyse")

@@ -1,0 +1,178 @@
+"""What surrounds the trainers: configuration mistakes as one-line errors (exit status 2, printed once
+under torchrun), empty runs refused, progress bars only on a terminal, experiment tracking (TensorBoard
+and W&B offline), safe and atomic checkpoints, and --resume auto."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import train_alignprop
+import train_ddpo
+from common import ConfigError
+from test_alignprop import small as small_alignprop
+from test_ddpo import small as small_ddpo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+# ---- configuration mistakes
+
+@pytest.mark.parametrize("flags, flag", [
+    (["--num-epochs", "0"], "--num-epochs 0"),
+    (["--explore.t-thres", "1200"], "--explore.t-thres 1200"),
+    (["--prompts", "no/such/prompts.txt"], "no/such/prompts.txt"),
+])
+def test_config_error_is_one_line_and_exit_2(flags, flag):
+    out = subprocess.run([sys.executable, "train_ddpo.py", "tiny", *flags], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and flag in errors[0], out.stderr[-2000:]
+
+
+def test_config_error_is_printed_once_under_torchrun(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = subprocess.run([torchrun, "--nproc_per_node=2", "train_ddpo.py", "tiny", "--num-epochs", "0",
+                          "--run-dir", str(tmp_path / "run")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert text.count("error: --num-epochs 0") == 1, text[-3000:]
+    assert 'File "' + os.path.join(ROOT, "train_ddpo.py") not in text  # no traceback through our code
+
+
+def test_run_cli_keeps_real_crashes(capsys):
+    def crash(cfg):
+        raise RuntimeError("a real bug")
+
+    def mistake(cfg):
+        raise ConfigError("--flag x: do y instead")
+    with pytest.raises(RuntimeError, match="a real bug"):
+        common.run_cli(crash, lambda: None)
+    with pytest.raises(SystemExit) as e:
+        common.run_cli(mistake, lambda: None)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: --flag x: do y instead\n"
+
+
+@pytest.mark.parametrize("trainer, small", [(train_ddpo, small_ddpo), (train_alignprop, small_alignprop)])
+def test_empty_runs_are_errors(tmp_path, trainer, small):
+    with pytest.raises(ConfigError, match="--num-epochs 0"):
+        trainer.main(small(tmp_path, num_epochs=0))
+    with pytest.raises(ConfigError, match="--resume auto: needs --run-dir"):
+        trainer.main(small(tmp_path, run_dir="", resume="auto"))
+
+
+# ---- logs
+
+def test_progress_bars_only_when_asked(tmp_path, capfd):
+    """Under pytest stderr is no terminal: no bars (no carriage returns) unless --log.progress."""
+    train_alignprop.main(small_alignprop(tmp_path / "quiet"))
+    quiet = capfd.readouterr()
+    assert "\r" not in quiet.err and "\r" not in quiet.out
+    assert "epoch 0 |" in quiet.out
+    train_alignprop.main(small_alignprop(tmp_path / "bars", log=common.LogConfig(progress=True)))
+    assert "\r" in capfd.readouterr().err
+
+
+# ---- tracking
+
+def test_tensorboard_event_file_has_scalars_images_and_config(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = train_alignprop.main(small_alignprop(tmp_path, num_epochs=2, log=common.LogConfig(tensorboard=True, grid_every=1)))
+    acc = EventAccumulator(os.path.join(run, "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    records = common.read_metrics(os.path.join(run, "metrics.jsonl"))
+    assert {"reward_mean", "by_epoch/reward_mean", "grad_norm", "reward_queries"} <= set(tags["scalars"])
+    assert [e.step for e in acc.Scalars("reward_mean")] == [r["reward_queries"] for r in records]
+    assert [e.value for e in acc.Scalars("reward_mean")] == pytest.approx([r["reward_mean"] for r in records])
+    assert [e.step for e in acc.Scalars("by_epoch/reward_mean")] == [0, 1]
+    assert tags["images"] == ["samples"] and len(acc.Images("samples")) == 2
+    assert "_hparams_/session_start_info" in tags["tensors"] or acc.summary_metadata  # the config as hparams
+
+
+def test_wandb_offline_writes_local_files(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = train_ddpo.main(small_ddpo(tmp_path, log=common.LogConfig(wandb=True, wandb_tags=("test",))))
+    with open(os.path.join(run, "wandb_id.txt")) as f:
+        run_id = f.read().strip()
+    offline = [d for d in os.listdir(os.path.join(run, "wandb")) if d.startswith("offline-run-") and d.endswith(run_id)]
+    assert len(offline) == 1
+    folder = os.path.join(run, "wandb", offline[0])
+    with open(os.path.join(folder, f"run-{run_id}.wandb"), "rb") as f:
+        log = f.read()  # the records W&B would upload (wandb sync): config, metrics
+    assert b"ddpo-tiny" in log and b"reward_mean" in log and b"reward_queries" in log
+    assert os.listdir(os.path.join(folder, "files", "media", "images"))  # the sample grid
+
+
+def test_missing_tracking_package_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
+    with pytest.raises(ConfigError, match="--log.wandb: the package 'wandb' is not installed"):
+        train_ddpo.main(small_ddpo(tmp_path, log=common.LogConfig(wandb=True)))
+
+
+# ---- checkpoints
+
+class NotATensor:
+    pass
+
+
+def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
+    run = train_ddpo.main(small_ddpo(tmp_path))
+    ckpt = common.latest_checkpoint(run)
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)  # what the trainers write loads safely
+    state["payload"] = NotATensor()
+    torch.save(state, os.path.join(ckpt, "state.pt"))
+    with pytest.raises(ConfigError, match="refused to load .*state.pt"):
+        train_ddpo.main(small_ddpo(tmp_path, num_epochs=2, resume=run))
+
+
+def test_resaving_a_step_always_leaves_one_complete_checkpoint(tmp_path, monkeypatch, tiny):
+    import copy
+    import lora
+    unet = copy.deepcopy(tiny.unet)
+    lora.inject(unet, rank=2)
+    common.save_checkpoint(str(tmp_path), 3, unet, {"epoch": 3, "version": 1}, {})
+    real, seen = os.replace, []
+
+    def replace(src, dst):  # before every rename of a checkpoint folder: a complete checkpoint of step 3 is on disk
+        if os.path.dirname(str(dst)) != str(tmp_path / "checkpoints"):
+            return real(src, dst)
+        found = common.latest_checkpoint(str(tmp_path))
+        seen.append(found is not None and os.path.isfile(os.path.join(found, "state.pt")))
+        if len(seen) == 2:
+            raise KeyboardInterrupt("killed between the two renames")
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(str(tmp_path), 3, unet, {"epoch": 3, "version": 2}, {})
+    monkeypatch.setattr(os, "replace", real)
+    assert seen == [True, True]
+    left = common.latest_checkpoint(str(tmp_path))  # the old one, renamed aside
+    assert left.endswith("000003.old") and common.load_checkpoint(str(tmp_path), unet)["version"] == 1
+    common.save_checkpoint(str(tmp_path), 3, unet, {"epoch": 3, "version": 3}, {})  # the next save cleans up
+    assert os.listdir(tmp_path / "checkpoints") == ["000003"]
+    assert common.load_checkpoint(str(tmp_path), unet)["version"] == 3
+
+
+@pytest.mark.parametrize("trainer, small", [(train_ddpo, small_ddpo), (train_alignprop, small_alignprop)])
+def test_resume_auto_starts_fresh_then_continues(tmp_path, trainer, small):
+    """--resume auto with no checkpoint is a fresh start; on a finished run it has nothing to do; an explicit
+    --resume of a finished run is an error (raise --num-epochs)."""
+    full = trainer.main(small(tmp_path / "full", num_epochs=2))
+    auto = trainer.main(small(tmp_path / "auto", num_epochs=2, resume="auto"))
+    assert common.read_metrics(os.path.join(full, "metrics.jsonl"))[-1]["reward_mean"] == \
+        common.read_metrics(os.path.join(auto, "metrics.jsonl"))[-1]["reward_mean"]
+    assert trainer.main(small(tmp_path / "auto", num_epochs=2, resume="auto")) == auto  # nothing to do
+    with pytest.raises(ConfigError, match="finished its 2 epochs"):
+        trainer.main(small(tmp_path / "auto", num_epochs=2, resume=auto))
