@@ -659,6 +659,7 @@ def describe(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
         r = TOY_REWARDS[name]()(images, prompts)
         row[name] = r.mean().item()
         row[name + "_p90"] = r.quantile(0.9).item()
+    row["aesthetic_above_0.6"] = (r > 0.6).float().mean().item()  # how often the low-key configuration is (nearly) drawn
     return row
 
 
@@ -736,7 +737,8 @@ def _world_images(prompts, generator):
 
 def markdown_table(results: dict) -> str:
     cols = [("alignment", "alignment"), ("toy-classifier", "classifier"), ("toy-classifier_p90", "classifier p90"),
-            ("toy-aesthetic", "aesthetic"), ("toy-aesthetic_p90", "aesthetic p90"), ("layout_entropy", "layout entropy"),
+            ("toy-aesthetic", "aesthetic"), ("toy-aesthetic_p90", "aesthetic p90"), ("aesthetic_above_0.6", "aesthetic > 0.6"),
+            ("layout_entropy", "layout entropy"),
             ("position_entropy", "position entropy"), ("radius_std", "radius std"), ("small", "small"), ("dark", "dark"),
             ("edge", "off-centre")]
     lines = ["| setting | " + " | ".join(c for _, c in cols) + " |", "|---|" + "---|" * len(cols)]

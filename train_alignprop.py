@@ -37,6 +37,7 @@ import evaluate
 import explore
 import lora
 import rewards
+import toy
 from common import ConfigError, EvalConfig, LogConfig, LoRAConfig, print0
 from explore import ExploreConfig
 from rewards import RewardConfig
@@ -93,20 +94,25 @@ class Config:
 
 BASE = Config()
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy")  # shipped with the repo
+# The toy world (docs/toy-world.md): 10 DDIM steps (the alignment of 20 within 0.01, eta 0), gradients through
+# all of them (in pixel space size, position and background are settled at the noisy steps, which K = 1
+# cannot reach) without gradient checkpointing (the toy's activations are small; 30% faster), lr 5e-3
+# (3e-3 learned half as far in the budget, 1e-2 faster but fell back once; experiments.md, section 6), CFG 5, DiffExp's t_thres mapped to this schedule by noise level (toy.T_THRES = 570, the
+# paper's 800), and the plain policy evaluated every 4 steps on fixed seeds (training and held-out prompts).
+# The random tiny CLIP behind the diversity metric means nothing here, so it is off.
+TOY = dataclasses.replace(
+    BASE, name="alignprop-toy", model=TOY_MODEL, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_train.txt"), num_epochs=20,
+    k=10, checkpointing=False, sample=SampleConfig(num_steps=10, guidance_scale=5.0), train=TrainConfig(batch_size=8, total_batch=16, lr=5e-3),
+    explore=ExploreConfig(t_thres=toy.T_THRES), reward=RewardConfig(name="toy-aesthetic"), log=LogConfig(grid_every=5, save_every=5),
+    eval=EvalConfig(every=4, samples_per_prompt=2, diversity=False, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_heldout.txt")))
 PRESETS = {
     "tiny": ("Offline tiny random model, a differentiable model-free reward, a few steps on a CPU.", dataclasses.replace(
         BASE, name="alignprop-tiny", model="tiny", num_epochs=12, k=2,
         sample=SampleConfig(num_steps=10), train=TrainConfig(batch_size=4, total_batch=8, lr=1e-2),
         reward=RewardConfig(name="brightness"), log=LogConfig(grid_every=4, save_every=4), eval=EvalConfig(clip_tiny=True))),
-    "toy": ("The toy shapes world (pretrained pixel-space model, offline): the classifier reward, ~5 min on 1 CPU core.", dataclasses.replace(
-        # 10 DDIM steps with gradients through all of them (k=10): in pixel space the shape and colour are
-        # settled in the early steps, which k=1 or 2 cannot reach. lr 3e-3 at LoRA scale 1: at 1e-2 and scale 4
-        # the classifier reward climbed faster, but by hacking the classifier with noise (experiments.md,
-        # section 5). The random tiny CLIP behind the diversity metric means nothing for this world, so it is off.
-        BASE, name="alignprop-toy", model=TOY_MODEL, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_train.txt"), num_epochs=24,
-        k=10, sample=SampleConfig(num_steps=10), train=TrainConfig(batch_size=8, total_batch=16, lr=3e-3),
-        reward=RewardConfig(name="toy-classifier"), log=LogConfig(grid_every=8, save_every=8),
-        eval=EvalConfig(diversity=False, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_heldout.txt")))),
+    "toy": ("The toy world's aesthetic task (the shipped pixel-space model, offline, CPU): the quick start.", TOY),
+    "toy-classifier": ("The toy world's prompt-fidelity task (toy-classifier reward), otherwise as toy.", dataclasses.replace(
+        TOY, name="alignprop-toy-classifier", reward=RewardConfig(name="toy-classifier"))),
     "sd15-aesthetic": ("SD v1.5, 45 animals, LAION aesthetic; AlignProp's reference hyperparameters.", dataclasses.replace(
         BASE, name="alignprop-sd15-aesthetic")),
     "sd15-pickscore": ("SD v1.5, 135 animal-activity prompts, PickScore.", dataclasses.replace(
@@ -215,7 +221,7 @@ def train(cfg: Config, guard: common.LastGoodState):
         exploring = any(explore.active(cfg.explore, progress))
         models.unet.train()
         t0 = time.perf_counter()
-        epoch_rewards, losses, grad_from, texts, embeddings = [], [], [], [], []
+        epoch_rewards, losses, grad_from, texts, embeddings, shown = [], [], [], [], [], []
         for m in tqdm(my_micro, desc=f"epoch {epoch}", leave=False, disable=not bars):
             # micro-batch m draws from generators keyed by (seed, epoch, m): the same on any number of processes
             idx = torch.randint(len(prompt_set), (cfg.train.batch_size,), generator=common.generator(cfg.seed, epoch, m, "prompts"))
@@ -236,10 +242,12 @@ def train(cfg: Config, guard: common.LastGoodState):
             epoch_rewards.append(reward.detach().float().cpu())
             losses.append(loss.item())
             grad_from.append(traj.grad_from)
-            last_images = traj.images.detach()
+            images = traj.images.detach()
             texts += [p.text for p in batch_prompts]
+            if sum(len(x) for x in shown) < cfg.log.grid_size:  # the epoch's first samples, for the grid
+                shown.append(images.cpu())
             if embedder:
-                embeddings.append(evaluate.embed_images(last_images, embedder).cpu())
+                embeddings.append(evaluate.embed_images(images, embedder).cpu())
         grad_norm = precision.step(optimizer, params, cfg.train.max_grad_norm, world, f"epoch {epoch}")  # NaN: skipped (float16)
         seconds = time.perf_counter() - t0
         common.assert_in_sync(params, world, f"epoch {epoch}")
@@ -263,10 +271,10 @@ def train(cfg: Config, guard: common.LastGoodState):
         if common.every(cfg.eval.every, epoch + 1, last) and cfg.eval.every > 0:
             record.update(policy_scores())
         grid = None
-        if common.every(cfg.log.grid_every, epoch + 1, last):  # the last micro-batch's samples, labelled
+        if common.every(cfg.log.grid_every, epoch + 1, last):  # process 0's first samples, labelled
             n = cfg.log.grid_size
             grid = os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png")
-            common.save_grid(last_images[:n], grid, labels=common.grid_labels(texts[-len(last_images):][:n], epoch_rewards[-1][:n]))
+            common.save_grid(torch.cat(shown)[:n], grid, labels=common.grid_labels(texts[:n], torch.cat(epoch_rewards)[:n]))
         tracker.log(record, image=grid, caption=f"epoch {epoch}")
         guard.update(epoch + 1, training_state(epoch + 1))  # this epoch is done: a stop from here on keeps it
         print0(f"epoch {epoch} | reward {record['reward_mean']:.4g}±{record['reward_std']:.3g} | loss {common.fmt(record['loss'])} | "
