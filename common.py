@@ -385,10 +385,13 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_rewards(records: list[dict], path: str, title: str = ""):
-    """reward mean (with a +-std band) against cumulative reward queries -> PNG."""
+    """The training samples' reward (mean, +-std band) against cumulative reward queries, and, where the run
+    evaluates (--eval.every), the plain policy's reward on fixed seeds (training and held-out prompts) -> PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    evaluated = {k: [(r["reward_queries"], r[f"{k}_reward_mean"]) for r in records if r.get(f"{k}_reward_mean") is not None]
+                 for k in ("plain", "heldout")}
     records = [r for r in records if r.get("reward_mean") is not None]  # not the evaluation before training
     x = [r["reward_queries"] for r in records]
     mean = [r["reward_mean"] for r in records]
@@ -396,9 +399,12 @@ def plot_rewards(records: list[dict], path: str, title: str = ""):
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(x, mean, marker="o", ms=3, label="reward (mean over the epoch's samples)")
     ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2, label="± std")
+    for k, label in (("plain", "plain policy, training prompts (fixed seeds)"), ("heldout", "plain policy, held-out prompts")):
+        if evaluated[k]:
+            ax.plot(*zip(*evaluated[k]), marker="s", ms=4, ls="--" if k == "heldout" else "-", label=label)
     explored = [r["reward_queries"] for r in records if r.get("exploring")]
     if explored:
-        ax.axvspan(min(x), max(explored), color="orange", alpha=0.08, label="DiffExp exploration on")
+        ax.axvspan(0, max(explored), color="orange", alpha=0.08, label="DiffExp exploration on")
     ax.set_xlabel("reward queries (generated training samples)")
     ax.set_ylabel("reward")
     ax.set_title(title)

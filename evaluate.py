@@ -233,6 +233,25 @@ def parse_reward_weights(specs: tuple[str, ...], names: tuple[str, ...]) -> dict
     return weights
 
 
+def expand_checkpoints(specs) -> list[str]:
+    """Glob patterns in --checkpoints expanded here (the shell leaves LABEL=runs/x-* alone): each match keeps
+    the label, suffixed by the folder's name when a pattern matches several ('tuned=runs/a-*' ->
+    'tuned-a-s0=runs/a-s0', ...). A log file beside the run folders is skipped."""
+    out = []
+    for spec in specs:
+        label, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+        if not glob.has_magic(path):
+            out.append(spec)
+            continue
+        found = sorted(m for m in glob.glob(path) if os.path.isdir(m) or m.endswith(".safetensors"))
+        if not found:
+            raise ConfigError(f"--checkpoints {spec}: the pattern {path!r} matches no run or checkpoint.")
+        for m in found:
+            name = label if not label or len(found) == 1 else f"{label}-{os.path.basename(m.rstrip('/'))}"
+            out.append(f"{name}={m}" if name else m)
+    return out
+
+
 def resolve_checkpoint(spec: str) -> tuple[str, str | None]:
     """'[LABEL=]PATH' -> (label, LoRA weights file, or None for 'base'). Fails naming the path."""
     label, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
@@ -348,7 +367,7 @@ def score_checkpoint(models, prompts, reward_fns: dict, embedder, samples_per_pr
 
 def score(cfg: ScoreConfig) -> dict:
     # ---- everything that can fail on a typo fails before any model loads
-    checkpoints = [resolve_checkpoint(s) for s in cfg.checkpoints]
+    checkpoints = [resolve_checkpoint(s) for s in expand_checkpoints(cfg.checkpoints)]
     labels = [label for label, _ in checkpoints]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--checkpoints: labels {labels} repeat; name them LABEL=PATH.")
@@ -507,7 +526,7 @@ def sample(cfg: SampleConfig) -> dict:
     seeds = resolve_seeds(cfg.seeds, cfg.first_seed)
     if not cfg.checkpoints:
         raise ConfigError("--checkpoints: give at least one, e.g. --checkpoints base tuned=runs/NAME.")
-    checkpoints = [resolve_checkpoint(s) for s in cfg.checkpoints]
+    checkpoints = [resolve_checkpoint(s) for s in expand_checkpoints(cfg.checkpoints)]
     labels = [label for label, _ in checkpoints]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--checkpoints: labels {labels} repeat; name them LABEL=PATH.")

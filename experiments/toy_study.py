@@ -132,6 +132,19 @@ def final_policy_stats(run: Run, per_prompt: int = 8) -> dict:
     return toy.describe(torch.cat(images), texts)
 
 
+def complete_seeds(trainer: str, task: str) -> list[int]:
+    """The seeds at which every arm of trainer x task has finished: the only runs analysed, so that the arms
+    are compared on the same seeds (an interrupted study leaves some arms one seed ahead)."""
+    runs = [r for r in all_runs() if (r.trainer, r.task) == (trainer, task)]
+    return [s for s in SEEDS if all(finished(r) for r in runs if r.seed == s)]
+
+
+def group_spec(trainer: str, task: str, arm: str) -> str:
+    """'arm=folder,folder,...': the arm's runs at the complete seeds, for evaluate.py compare."""
+    seeds = complete_seeds(trainer, task)
+    return f"{arm}=" + ",".join(Run(trainer, task, arm, s, ()).folder for s in seeds)
+
+
 def analyse():
     import torch
     import evaluate
@@ -142,14 +155,18 @@ def analyse():
         for task in TASKS:
             key = f"{trainer}-{task}"
             arms = ARMS | (ABLATIONS if (trainer, task) == ("alignprop", "toy") else {})
-            groups = [f"{arm}={OUT}/{key}-{arm}-s*" for arm in arms if arm != "baseline"] + [f"baseline={OUT}/{key}-baseline-s*"]
-            summary = {}
+            seeds = complete_seeds(trainer, task)
+            if not seeds:
+                print(f"{key}: no seed has finished every arm yet; left out")
+                continue
+            groups = [group_spec(trainer, task, arm) for arm in arms if arm != "baseline"] + [group_spec(trainer, task, "baseline")]
+            summary = {"seeds": seeds}
             for metric in ("plain_reward_mean", "reward_mean", "heldout_reward_mean"):
                 summary[metric] = evaluate.main(["compare", "--groups", *groups, "--metric", metric,
                                                  "--out", os.path.join(OUT, f"{key}-{metric}.png"), "--title", key])
             finals = {}
             for arm in arms:
-                stats = [final_policy_stats(r) for r in runs if (r.trainer, r.task, r.arm) == (trainer, task, arm) and finished(r)]
+                stats = [final_policy_stats(r) for r in runs if (r.trainer, r.task, r.arm) == (trainer, task, arm) and r.seed in seeds]
                 finals[arm] = {k: [s[k] for s in stats] for k in stats[0]} if stats else {}
             results[key] = {"compare": summary, "final": finals}
     with open(os.path.join(OUT, "analysis.json"), "w") as f:
@@ -169,7 +186,8 @@ def tables(results: dict) -> str:
     out = []
     for key, r in results.items():
         primary = r["compare"]["plain_reward_mean"]
-        out += [f"### {key}", "", f"Primary curve: plain_reward_mean; threshold {primary['threshold']:.4g} = r0 {primary['r0']:.4g} + "
+        out += [f"### {key}", "", f"Seeds {', '.join(map(str, r['compare']['seeds']))} (those at which every arm finished). "
+                f"Primary curve: plain_reward_mean; threshold {primary['threshold']:.4g} = r0 {primary['r0']:.4g} + "
                 f"0.9 x (r_final {primary['r_final']:.4g} - r0), from the baseline's mean curve.", "",
                 "| arm | queries to threshold, per seed | not reached | speedup vs baseline [95% CI] | final plain reward | "
                 "final held-out reward | final training reward | layout entropy (end) | alignment (end) | aesthetic (end) |",
@@ -199,7 +217,9 @@ def figure(path: str):
         for j, task in enumerate(TASKS):
             ax = axes[i][j]
             for arm, colour in (("diffexp", "tab:orange"), ("baseline", "tab:blue")):
-                runs = evaluate.parse_groups((f"{arm}={OUT}/{trainer}-{task}-{arm}-s*",))[arm]
+                if not complete_seeds(trainer, task):
+                    continue
+                runs = evaluate.parse_groups((group_spec(trainer, task, arm),))[arm]
                 g = evaluate.group_curves(runs, "plain_reward_mean", "none", 1)
                 ax.plot(g["grid"], g["mean"], color=colour, label=f"{arm} ({len(runs)} seeds)")
                 ax.fill_between(g["grid"], g["mean"] - g["std"], g["mean"] + g["std"], color=colour, alpha=0.2, linewidth=0)

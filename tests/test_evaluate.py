@@ -181,6 +181,22 @@ def test_sample_errors_name_the_flag(tmp_path):
     assert not (tmp_path / "samples").exists()  # all before any model loads or anything is written
 
 
+
+def test_checkpoint_patterns_are_expanded_with_their_labels(tmp_path):
+    """The shell does not expand LABEL=runs/x-*, so evaluate.py does: one match keeps the label, several get
+    the folder's name appended; a log file beside the runs is skipped; no match names the pattern."""
+    for name in ("ap-s1", "ap-s0"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "ap-s0.log").write_text("")
+    pattern = str(tmp_path / "ap-*")
+    assert evaluate.expand_checkpoints(["base", f"tuned={pattern}"]) == \
+        ["base", f"tuned-ap-s0={tmp_path / 'ap-s0'}", f"tuned-ap-s1={tmp_path / 'ap-s1'}"]
+    assert evaluate.expand_checkpoints([f"one={tmp_path / 'ap-s1*'}"]) == [f"one={tmp_path / 'ap-s1'}"]
+    assert evaluate.expand_checkpoints([pattern]) == [str(tmp_path / "ap-s0"), str(tmp_path / "ap-s1")]
+    with pytest.raises(ConfigError, match=r"nothing-\*"):
+        evaluate.expand_checkpoints([f"x={tmp_path / 'nothing-*'}"])
+
+
 # ---- diversity
 
 

@@ -87,7 +87,8 @@ def test_readme_commands(tmp_path):
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     for link in ("prompts", "weights"):
         os.symlink(os.path.join(ROOT, link), tmp_path / link)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, WANDB_MODE="offline", WANDB_SILENT="true")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, WANDB_MODE="offline", WANDB_SILENT="true",
+               PET_MASTER_PORT="29614")  # torchrun's --master-port: a port no other test uses (they may run in parallel)
     python = sys.executable
     ran = []
     for command in commands:

@@ -12,7 +12,7 @@ import lora
 import toy
 import train_alignprop
 import train_ddpo
-from diffusion import ddim_step, load_models, load_prompts, phrase_positions
+from diffusion import ddim_step, encode_text, load_models, load_prompts, phrase_positions, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_MODEL = os.path.join(ROOT, "weights", "toy")
@@ -84,7 +84,9 @@ def test_unspecified_attributes_follow_their_distribution():
     assert read["present"].all()
     assert (read["tone"] - a["background"][:512]).abs().max() < 1e-5
     assert (read["radius"] - a["radius"][:512]).abs().mean() < 0.3
-    assert (read["x"] - a["centre"][:512, 0]).abs().mean() < 0.3 and (read["y"] - a["centre"][:512, 1]).abs().mean() < 0.5
+    # a triangle's centroid lies a third of its half-height below the centre of its box (apex up)
+    y = a["centre"][:512, 1] + torch.where(a["shape"][:512] == 2, toy.half_extent(a["radius"][:512]) / 3, 0.0)
+    assert (read["x"] - a["centre"][:512, 0]).abs().mean() < 0.3 and (read["y"] - y).abs().mean() < 0.3
 
 
 def test_aesthetic_reward_prefers_the_low_key_configuration():
@@ -93,8 +95,10 @@ def test_aesthetic_reward_prefers_the_low_key_configuration():
     and a noisy copy of the preferred image score near 0; gradients reach the pixels."""
     g = torch.Generator().manual_seed(0)
     a = toy.sample_attributes(6, g)
+    centroid = torch.tensor([[32 / 3, 32 / 3], [64 / 3, 32 / 3], [32 / 3, 64 / 3]] * 2)  # on thirds points
+    lift = torch.where(a["shape"] == 2, toy.half_extent(torch.tensor(toy.AESTHETIC_RADIUS)) / 3, 0.0)  # a triangle's centroid sits low
     preferred = {**a, "radius": torch.full((6,), toy.AESTHETIC_RADIUS), "background": torch.full((6,), 0.1),
-                 "centre": torch.tensor([[32 / 3, 32 / 3], [64 / 3, 32 / 3], [32 / 3, 64 / 3]] * 2)}
+                 "centre": centroid - torch.stack([torch.zeros(6), lift], 1)}
     common_ = {**a, "radius": torch.full((6,), 8.0), "background": torch.full((6,), 0.55), "centre": torch.full((6, 2), 16.0)}
     reward = toy.toy_aesthetic()
     best, usual = reward(toy.render(preferred), [""] * 6), reward(toy.render(common_), [""] * 6)
@@ -187,19 +191,28 @@ def test_shipped_model_follows_guidance():
     assert sampler_clips_x0(models.scheduler), (
         "diffusion.ddim_step must clip x0_hat to [-1, 1] (and use the eps consistent with it) when "
         "scheduler.config.clip_sample is set, as DDPM samples pixel-space models; see toy.TOY_SCHEDULER.")
-    prompts = toy.all_captions()[::2] + toy.all_captions()[1::3]  # 15 samples, every colour and shape
-    reward = toy.toy_alignment()
-    unguided = reward(toy.sample_toy(models, prompts, 0.0, seed=0), prompts)
-    guided = reward(toy.sample_toy(models, prompts, 5.0, seed=0), prompts)
-    assert guided.mean() > unguided.mean() + 0.08, (guided.mean(), unguided.mean())
+    prompts = toy.all_captions() * 2  # 36 samples, every colour-shape pair twice, 10 DDIM steps, eta 1
+
+    def draw(texts, w):
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            return sample(models, encode_text(models, texts), encode_text(models, [""]), w, 10, 1.0, g).images
+    guided, conditional = draw(prompts, 5.0), draw(prompts, 1.0)
+    unconditional = draw([""] * len(prompts), 1.0)
+    alignment = toy.toy_alignment()
+    assert alignment(guided, prompts).mean() > 0.8 and alignment(unconditional, prompts).mean() < 0.15
+    # CFG narrows what the caption leaves open (the premise of DiffExp): less layout variety at CFG 5 than at 1
+    assert toy.describe(guided, prompts)["layout_entropy"] < toy.describe(conditional, prompts)["layout_entropy"] - 0.5
 
 
+@pytest.mark.parametrize("preset", ["toy", "toy-classifier"])
 @pytest.mark.parametrize("trainer", ["ddpo", "alignprop"])
-def test_one_toy_epoch_of_each_trainer(tmp_path, trainer):
-    """The `toy` preset of each trainer, shrunk to one epoch of 4 DDIM steps and a few samples: the shipped
-    model, the toy prompts and the preset's reward run end to end, and the LoRA weights move."""
+def test_one_toy_epoch_of_each_trainer(tmp_path, trainer, preset):
+    """Each toy preset of each trainer, shrunk to one epoch of 4 DDIM steps and a few samples: the shipped
+    model, the toy prompts, the preset's reward and its evaluation (before training, then after the epoch)
+    run end to end, and the LoRA weights move."""
     module = train_ddpo if trainer == "ddpo" else train_alignprop
-    cfg = module.PRESETS["toy"][1]
+    cfg = module.PRESETS[preset][1]
     if trainer == "ddpo":
         sample = dataclasses.replace(cfg.sample, num_steps=4, batch_size=4, num_batches=1)
         train = dataclasses.replace(cfg.train, batch_size=4, updates_per_epoch=1)
@@ -207,10 +220,13 @@ def test_one_toy_epoch_of_each_trainer(tmp_path, trainer):
         sample = dataclasses.replace(cfg.sample, num_steps=4)
         train = dataclasses.replace(cfg.train, batch_size=2, total_batch=4)
     cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"), num_epochs=1, sample=sample, train=train,
+                              eval=dataclasses.replace(cfg.eval, samples_per_prompt=1),
                               **({"k": 4} if trainer == "alignprop" else {}), log=common.LogConfig(grid_every=1, save_every=1))
     module.main(cfg)
-    record, = common.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    before, record = common.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    assert before["reward_queries"] == 0 and "plain_reward_mean" in before and "heldout_reward_mean" in before
     assert record["reward_queries"] == 4 and record["reward_mean"] == record["reward_mean"]  # not NaN
+    assert cfg.reward.name == {"toy": "toy-aesthetic", "toy-classifier": "toy-classifier"}[preset]
     path = os.path.join(common.latest_checkpoint(str(tmp_path / "run")), lora.WEIGHT_NAME)
     assert any(v.abs().max() > 0 for k, v in load_file(path).items() if "lora_B" in k)
 
