@@ -8,6 +8,8 @@ reward queries spent in training.
     python experiments/toy_study.py run                 # every run, two at a time on one thread each (resumable)
     python experiments/toy_study.py run --only alignprop-toy-aesthetic
     python experiments/toy_study.py analyse             # tables (markdown), the figure, final diversity
+    python experiments/toy_study.py final-stats         # (optional) the final policies' statistics of the runs
+                                                        # finished so far, cached in each run folder for analyse
 
 Runs go to runs/study/{trainer}-{task}-{arm}-s{seed}/ with a log file beside each; run times to
 runs/study/times.json. `analyse` writes runs/study/analysis.json, runs/study/tables.md and
@@ -119,17 +121,24 @@ def final_policy_stats(run: Run, per_prompt: int = 8) -> dict:
     import diffusion
     import evaluate
     import toy
+    weights = os.path.join(common.latest_checkpoint(run.folder), "pytorch_lora_weights.safetensors")
+    cache = os.path.join(run.folder, "final_stats.json")  # computed once per final checkpoint
+    if os.path.isfile(cache) and json.load(open(cache))["weights"] == weights:
+        return json.load(open(cache))["stats"]
     cfg = json.load(open(os.path.join(run.folder, "config.json")))
     models = diffusion.load_models(cfg["model"])
     prompts = diffusion.load_prompts(cfg["prompts"])
-    weights = os.path.join(common.latest_checkpoint(run.folder), "pytorch_lora_weights.safetensors")
     images, texts = [], []
     with evaluate.lora_applied(models.unet, weights):
         for idx, batch in evaluate.sample_batches(models, prompts, per_prompt, cfg["sample"]["num_steps"], cfg["sample"]["eta"],
                                                   cfg["sample"]["guidance_scale"], seed=1000, batch_size=48):
             images.append(batch)
             texts += [prompts[i].text for i in idx]
-    return toy.describe(torch.cat(images), texts)
+    stats = toy.describe(torch.cat(images), texts)
+    with open(cache + ".tmp", "w") as f:
+        json.dump({"weights": weights, "stats": stats}, f)
+    os.replace(cache + ".tmp", cache)
+    return stats
 
 
 def complete_seeds(trainer: str, task: str) -> list[int]:
@@ -239,5 +248,9 @@ if __name__ == "__main__":
         run_all(sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--only" else "")
     elif what == "analyse":
         analyse()
+    elif what == "final-stats":  # the final policies' statistics of every finished run, cached for analyse
+        import torch
+        torch.set_num_threads(1)  # beside a study still running
+        [final_policy_stats(r) for r in all_runs() if finished(r)]
     else:
-        raise SystemExit(f"usage: python {sys.argv[0]} run [--only TRAINER-TASK] | analyse")
+        raise SystemExit(f"usage: python {sys.argv[0]} run [--only TRAINER-TASK] | analyse | final-stats")
