@@ -659,7 +659,8 @@ def describe(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
         r = TOY_REWARDS[name]()(images, prompts)
         row[name] = r.mean().item()
         row[name + "_p90"] = r.quantile(0.9).item()
-    row["aesthetic_above_0.6"] = (r > 0.6).float().mean().item()  # how often the low-key configuration is (nearly) drawn
+        if name == "toy-aesthetic":  # how often the low-key configuration is (nearly) drawn
+            row["aesthetic_above_0.6"] = (r > 0.6).float().mean().item()
     return row
 
 

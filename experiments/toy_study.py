@@ -123,8 +123,9 @@ def final_policy_stats(run: Run, per_prompt: int = 8) -> dict:
     import toy
     weights = os.path.join(common.latest_checkpoint(run.folder), "pytorch_lora_weights.safetensors")
     cache = os.path.join(run.folder, "final_stats.json")  # computed once per final checkpoint
-    if os.path.isfile(cache) and json.load(open(cache))["weights"] == weights:
-        return json.load(open(cache))["stats"]
+    cached = json.load(open(cache)) if os.path.isfile(cache) else {}
+    if cached.get("weights") == weights:
+        return cached["stats"]
     cfg = json.load(open(os.path.join(run.folder, "config.json")))
     models = diffusion.load_models(cfg["model"])
     prompts = diffusion.load_prompts(cfg["prompts"])
@@ -148,9 +149,8 @@ def complete_seeds(trainer: str, task: str) -> list[int]:
     return [s for s in SEEDS if all(finished(r) for r in runs if r.seed == s)]
 
 
-def group_spec(trainer: str, task: str, arm: str) -> str:
-    """'arm=folder,folder,...': the arm's runs at the complete seeds, for evaluate.py compare."""
-    seeds = complete_seeds(trainer, task)
+def group_spec(trainer: str, task: str, arm: str, seeds: list[int]) -> str:
+    """'arm=folder,folder,...': the arm's runs at these seeds, for evaluate.py compare."""
     return f"{arm}=" + ",".join(Run(trainer, task, arm, s, ()).folder for s in seeds)
 
 
@@ -168,7 +168,7 @@ def analyse():
             if not seeds:
                 print(f"{key}: no seed has finished every arm yet; left out")
                 continue
-            groups = [group_spec(trainer, task, arm) for arm in arms if arm != "baseline"] + [group_spec(trainer, task, "baseline")]
+            groups = [group_spec(trainer, task, arm, seeds) for arm in [a for a in arms if a != "baseline"] + ["baseline"]]
             summary = {"seeds": seeds}
             for metric in ("plain_reward_mean", "reward_mean", "heldout_reward_mean"):
                 summary[metric] = evaluate.main(["compare", "--groups", *groups, "--metric", metric,
@@ -224,11 +224,9 @@ def figure(path: str):
     fig, axes = plt.subplots(len(TRAINERS), len(TASKS), figsize=(10, 7), dpi=110, squeeze=False)
     for i, trainer in enumerate(TRAINERS):
         for j, task in enumerate(TASKS):
-            ax = axes[i][j]
-            for arm, colour in (("diffexp", "tab:orange"), ("baseline", "tab:blue")):
-                if not complete_seeds(trainer, task):
-                    continue
-                runs = evaluate.parse_groups((group_spec(trainer, task, arm),))[arm]
+            ax, seeds = axes[i][j], complete_seeds(trainer, task)
+            for arm, colour in (("diffexp", "tab:orange"), ("baseline", "tab:blue")) if seeds else ():
+                runs = evaluate.parse_groups((group_spec(trainer, task, arm, seeds),))[arm]
                 g = evaluate.group_curves(runs, "plain_reward_mean", "none", 1)
                 ax.plot(g["grid"], g["mean"], color=colour, label=f"{arm} ({len(runs)} seeds)")
                 ax.fill_between(g["grid"], g["mean"] - g["std"], g["mean"] + g["std"], color=colour, alpha=0.2, linewidth=0)
