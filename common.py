@@ -58,6 +58,24 @@ class ConfigError(ValueError):
     pass
 
 
+def check_shared(cfg) -> None:
+    """Fails at start-up, naming the flag, on settings both trainers share (each checks its own after this)."""
+    checks = [
+        (cfg.num_epochs >= 1, f"--num-epochs {cfg.num_epochs}: a run needs at least one epoch."),
+        (cfg.sample.num_steps >= 1, f"--sample.num-steps {cfg.sample.num_steps}: a trajectory needs at least one DDIM step."),
+        (cfg.sample.guidance_scale >= 0, f"--sample.guidance-scale {cfg.sample.guidance_scale}: must be >= 0 "
+                                         "(1: no guidance, 0: unconditional)."),
+        (cfg.train.lr > 0, f"--train.lr {cfg.train.lr}: the learning rate must be > 0."),
+        (cfg.train.max_grad_norm > 0, f"--train.max-grad-norm {cfg.train.max_grad_norm}: must be > 0."),
+        (cfg.lora.rank >= 1, f"--lora.rank {cfg.lora.rank}: must be >= 1."),
+        (cfg.lora.alpha > 0, f"--lora.alpha {cfg.lora.alpha}: must be > 0 (the LoRA scale is alpha / rank)."),
+        (len(cfg.lora.targets) > 0, "--lora.targets: give at least one nn.Linear name suffix, e.g. to_q to_k to_v to_out.0."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
 def run_cli(main, parse):
     """main(parse()), with a ConfigError printed once (rank 0) as 'error: ...' and exit status 2."""
     try:

@@ -156,9 +156,8 @@ def main(cfg: Config):
 
 def train(cfg: Config, guard: common.LastGoodState):
     # ---- checks and set-up
+    common.check_shared(cfg)
     explore.validate(cfg.explore, cfg.sample.guidance_scale)
-    if cfg.num_epochs < 1:
-        raise ConfigError(f"--num-epochs {cfg.num_epochs}: a run needs at least one epoch.")
     T = cfg.sample.num_steps
     if cfg.reward.name not in rewards.DIFFERENTIABLE:
         raise ConfigError(f"--reward.name {cfg.reward.name}: AlignProp needs a differentiable reward "

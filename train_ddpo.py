@@ -199,9 +199,8 @@ def main(cfg: Config):
 
 def train(cfg: Config, guard: common.LastGoodState):
     # ---- checks and set-up
+    common.check_shared(cfg)
     explore.validate(cfg.explore, cfg.sample.guidance_scale)
-    if cfg.num_epochs < 1:
-        raise ConfigError(f"--num-epochs {cfg.num_epochs}: a run needs at least one epoch.")
     if cfg.sample.eta <= 0:
         raise ConfigError(f"--sample.eta {cfg.sample.eta}: DDPO needs eta > 0 (a deterministic DDIM step has no log-prob).")
     if not 0 < cfg.train.timestep_fraction <= 1:

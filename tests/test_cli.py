@@ -4,6 +4,7 @@ and W&B offline), safe and atomic checkpoints, and --resume auto."""
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -67,6 +68,24 @@ def test_empty_runs_are_errors(tmp_path, trainer, small):
         trainer.main(small(tmp_path, num_epochs=0))
     with pytest.raises(ConfigError, match="--resume auto: needs --run-dir"):
         trainer.main(small(tmp_path, run_dir="", resume="auto"))
+
+
+@pytest.mark.parametrize("group, field, value, flag", [
+    ("sample", "num_steps", 0, "--sample.num-steps 0"),
+    ("sample", "guidance_scale", -1.0, "--sample.guidance-scale -1.0"),
+    ("train", "lr", 0.0, "--train.lr 0.0"),
+    ("train", "max_grad_norm", -1.0, "--train.max-grad-norm -1.0"),
+    ("lora", "rank", 0, "--lora.rank 0"),
+    ("lora", "alpha", 0.0, "--lora.alpha 0.0"),
+    ("lora", "targets", (), "--lora.targets"),
+])
+@pytest.mark.parametrize("trainer, small", [(train_ddpo, small_ddpo), (train_alignprop, small_alignprop)])
+def test_shared_settings_are_checked_before_anything_runs(tmp_path, trainer, small, group, field, value, flag):
+    cfg = small(tmp_path)
+    cfg = dataclasses.replace(cfg, **{group: dataclasses.replace(getattr(cfg, group), **{field: value})})
+    with pytest.raises(ConfigError, match=re.escape(flag)):
+        trainer.main(cfg)
+    assert not os.path.exists(cfg.run_dir)  # refused before the run folder is made
 
 
 # ---- logs
