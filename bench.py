@@ -300,7 +300,7 @@ def load_models(name: str = "tiny", device="cpu", dtype=torch.float32, seed: int
 def setup(cfg: Config) -> Bench:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = common.resolve_device(cfg.device)
     dtype = common.resolve_dtype(cfg.dtype, device)  # as the trainers: also TF32 for float32 matmuls on a GPU
     models = load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
     params = lora.inject(models.unet, rank=cfg.lora_rank, alpha=cfg.lora_rank, seed=cfg.seed)  # as the trainers: LoRA on from the start

@@ -83,6 +83,9 @@ def run_cli(main, parse):
     except ConfigError as e:
         print0(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except lora.TargetError as e:  # raised where the model is known, in lora.inject
+        print0(f"error: --lora.targets: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def show_progress(log: LogConfig, rank: int) -> bool:
@@ -96,8 +99,9 @@ def show_progress(log: LogConfig, rank: int) -> bool:
 
 def init_distributed(device: str) -> tuple[int, int, str]:
     """-> (rank, world_size, device). NCCL on GPUs, gloo on CPUs (so a 2-process test runs anywhere)."""
+    device = resolve_device(device)
     if "RANK" not in os.environ:
-        return 0, 1, resolve_device(device)
+        return 0, 1, device
     import torch.distributed as dist
     cuda = torch.cuda.is_available() and not device.startswith("cpu")
     if not dist.is_initialized():
@@ -230,7 +234,20 @@ def start_run(cfg) -> str:
 
 
 def resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    """--device auto -> cuda when a GPU is visible, else cpu; an explicit device is checked here, not deep in torch."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device}: not a device name ({e}); use auto, cpu, cuda or cuda:N.") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {device}: no CUDA device is visible here; use --device cpu (or auto).")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"--device {device}: only {count} CUDA device(s) visible (cuda:0 to cuda:{count - 1}).")
+    return device
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype values; auto: bfloat16 on a GPU, float32 elsewhere

@@ -23,6 +23,10 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet's attention p
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file name diffusers looks for
 
 
+class TargetError(ValueError):
+    """No layer of the model matches the requested targets (a user's mistake, not a crash)."""
+
+
 class LoRALinear(nn.Module):
     """Wraps a frozen nn.Linear. The up-projection B starts at zero, so the model is unchanged at step 0.
     LoRA weights stay in float32 whatever the base's dtype (small updates survive; see the trainers)."""
@@ -53,7 +57,10 @@ def inject(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 4, alpha: floa
     alpha = float(rank if alpha is None else alpha)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(tuple("." + t for t in targets))]
     if not names:
-        raise ValueError(f"LoRA: no nn.Linear in {type(model).__name__} matches the targets {targets}.")
+        tail = lambda n: ".".join(n.split(".")[-2:] if n.split(".")[-1].isdigit() else n.split(".")[-1:])  # to_out.0
+        suffixes = sorted({tail(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise TargetError(f"no nn.Linear in {type(model).__name__} has a name ending in one of {list(targets)}; "
+                          f"its Linear layers' names end in {suffixes[:12]}{' ...' if len(suffixes) > 12 else ''}.")
     with torch.random.fork_rng(devices=[]):  # seeded init that leaves the global RNG alone
         torch.manual_seed(seed)
         for name in names:

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 from common import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -534,7 +535,7 @@ def pretrain(cfg: PretrainConfig):
     from tqdm import tqdm
     from diffusion import tokenize
     torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
+    device = torch.device(common.resolve_device(cfg.device))
     unet, text_encoder, tokenizer, scheduler = build_toy_model(cfg.seed)
     init_info = None
     if cfg.init:  # continue from an earlier run's (EMA) weights: same architecture, fresh optimizer and schedule

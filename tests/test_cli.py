@@ -28,6 +28,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     (["--num-epochs", "0"], "--num-epochs 0"),
     (["--explore.t-thres", "1200"], "--explore.t-thres 1200"),
     (["--prompts", "no/such/prompts.txt"], "no/such/prompts.txt"),
+    (["--lora.targets", "no_such_layer"], "--lora.targets"),  # found out only once the model is loaded
 ])
 def test_config_error_is_one_line_and_exit_2(flags, flag):
     out = subprocess.run([sys.executable, "train_ddpo.py", "tiny", *flags], cwd=ROOT, env=ENV, capture_output=True,
@@ -46,6 +47,16 @@ def test_config_error_is_printed_once_under_torchrun(tmp_path):
     text = out.stdout + out.stderr
     assert text.count("error: --num-epochs 0") == 1, text[-3000:]
     assert 'File "' + os.path.join(ROOT, "train_ddpo.py") not in text  # no traceback through our code
+
+
+def test_device_is_checked_by_name():
+    assert common.resolve_device("cpu") == "cpu"
+    assert common.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="--device gpu0: not a device name"):
+        common.resolve_device("gpu0")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ConfigError, match=f"--device cuda:{count}: "):
+        common.resolve_device(f"cuda:{count}")  # one past the last visible GPU (none here: cuda:0)
 
 
 def test_run_cli_keeps_real_crashes(capsys):
