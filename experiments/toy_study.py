@@ -10,6 +10,8 @@ reward queries spent in training.
     python experiments/toy_study.py analyse             # tables (markdown), the figure, final diversity
     python experiments/toy_study.py final-stats         # (optional) the final policies' statistics of the runs
                                                         # finished so far, cached in each run folder for analyse
+    python experiments/toy_study.py run --followup      # the follow-up of section 6.6: AlignProp x toy, three arms,
+    python experiments/toy_study.py analyse --followup  # ten new seeds (5-14); tables in runs/study/followup.md
 
 Runs go to runs/study/{trainer}-{task}-{arm}-s{seed}/ with a log file beside each; run times to
 runs/study/times.json. `analyse` writes runs/study/analysis.json, runs/study/tables.md and
@@ -39,6 +41,11 @@ ABLATIONS = {  # AlignProp x toy only. t900 / t700: the paper's thresholds mappe
     "wlow0": ["--explore.w-low", "0"],
 }
 
+# The follow-up (experiments.md 6.6, pre-registered after 6.5): AlignProp x toy, prompt weighting alone and
+# DiffExp against the baseline on ten new seeds
+FOLLOWUP_SEEDS = tuple(range(5, 15))
+FOLLOWUP_ARMS = {"weighting-only": ABLATIONS["weighting-only"], "diffexp": ARMS["diffexp"], "baseline": ARMS["baseline"]}
+
 
 @dataclass(frozen=True)
 class Run:
@@ -61,7 +68,9 @@ class Run:
                 *self.flags, "--run-dir", self.folder, "--resume", "auto"]
 
 
-def all_runs() -> list[Run]:
+def all_runs(followup: bool = False) -> list[Run]:
+    if followup:
+        return [Run("alignprop", "toy", arm, seed, tuple(flags)) for seed in FOLLOWUP_SEEDS for arm, flags in FOLLOWUP_ARMS.items()]
     runs = []
     for seed in SEEDS:  # seed-major: an interrupted study has every arm at the same number of seeds
         for trainer in TRAINERS:
@@ -89,8 +98,8 @@ def execute(run: Run) -> float:
     return time.time() - start
 
 
-def run_all(only: str = ""):
-    todo = [r for r in all_runs() if not finished(r) and (not only or f"{r.trainer}-{r.task}" == only)]
+def run_all(only: str = "", followup: bool = False):
+    todo = [r for r in all_runs(followup) if not finished(r) and (not only or f"{r.trainer}-{r.task}" == only)]
     times_path = os.path.join(OUT, "times.json")
     os.makedirs(OUT, exist_ok=True)
     times = json.load(open(times_path)) if os.path.isfile(times_path) else {}
@@ -142,11 +151,11 @@ def final_policy_stats(run: Run, per_prompt: int = 8) -> dict:
     return stats
 
 
-def complete_seeds(trainer: str, task: str) -> list[int]:
+def complete_seeds(trainer: str, task: str, runs: list[Run] | None = None) -> list[int]:
     """The seeds at which every arm of trainer x task has finished: the only runs analysed, so that the arms
     are compared on the same seeds (an interrupted study leaves some arms one seed ahead)."""
-    runs = [r for r in all_runs() if (r.trainer, r.task) == (trainer, task)]
-    return [s for s in SEEDS if all(finished(r) for r in runs if r.seed == s)]
+    runs = [r for r in (all_runs() if runs is None else runs) if (r.trainer, r.task) == (trainer, task)]
+    return sorted(s for s in {r.seed for r in runs} if all(finished(r) for r in runs if r.seed == s))
 
 
 def group_spec(trainer: str, task: str, arm: str, seeds: list[int]) -> str:
@@ -184,6 +193,30 @@ def analyse():
         f.write(tables(results))
     figure(os.path.join(ROOT, "docs", "toy-study.png"))
     print(open(os.path.join(OUT, "tables.md")).read())
+
+
+def analyse_followup():
+    """Section 6.6: the ten new seeds alone (primary), then pooled with the study's seeds 0-4 (secondary)."""
+    import torch
+    import evaluate
+    torch.set_num_threads(2)
+    new = all_runs(followup=True)
+    old = [r for r in all_runs() if (r.trainer, r.task, r.arm) in {("alignprop", "toy", a) for a in FOLLOWUP_ARMS}]
+    results = {}
+    for key, runs in (("alignprop-toy, seeds 5-14 (primary)", new), ("alignprop-toy, seeds 0-14 pooled (secondary)", old + new)):
+        seeds = complete_seeds("alignprop", "toy", runs)
+        groups = [group_spec("alignprop", "toy", arm, seeds) for arm in FOLLOWUP_ARMS]
+        summary = {"seeds": seeds}
+        for metric in ("plain_reward_mean", "reward_mean", "heldout_reward_mean"):
+            summary[metric] = evaluate.main(["compare", "--groups", *groups, "--metric", metric, "--out",
+                                             os.path.join(OUT, f"followup-{seeds[0]}-{seeds[-1]}-{metric}.png"), "--title", key])
+        finals = {arm: [final_policy_stats(r) for r in runs if r.arm == arm and r.seed in seeds] for arm in FOLLOWUP_ARMS}
+        results[key] = {"compare": summary, "final": {arm: {k: [s[k] for s in st] for k in st[0]} for arm, st in finals.items()}}
+    with open(os.path.join(OUT, "followup.json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    with open(os.path.join(OUT, "followup.md"), "w") as f:
+        f.write(tables(results))
+    print(open(os.path.join(OUT, "followup.md")).read())
 
 
 def mean_sd(values):
@@ -242,13 +275,14 @@ def figure(path: str):
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "run"
+    followup = "--followup" in sys.argv
     if what == "run":
-        run_all(sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--only" else "")
+        run_all(sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--only" else "", followup)
     elif what == "analyse":
-        analyse()
+        analyse_followup() if followup else analyse()
     elif what == "final-stats":  # the final policies' statistics of every finished run, cached for analyse
         import torch
         torch.set_num_threads(1)  # beside a study still running
         [final_policy_stats(r) for r in all_runs() if finished(r)]
     else:
-        raise SystemExit(f"usage: python {sys.argv[0]} run [--only TRAINER-TASK] | analyse | final-stats")
+        raise SystemExit(f"usage: python {sys.argv[0]} run [--only TRAINER-TASK | --followup] | analyse [--followup] | final-stats")
