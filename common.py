@@ -103,7 +103,7 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     if "RANK" not in os.environ:
         return 0, 1, device
     import torch.distributed as dist
-    cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    cuda = device.startswith("cuda")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
@@ -242,7 +242,7 @@ def resolve_device(device: str) -> str:
     except RuntimeError as e:
         raise ConfigError(f"--device {device}: not a device name ({e}); use auto, cpu, cuda or cuda:N.") from None
     if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count = torch.cuda.device_count()  # 0 without CUDA
         if count == 0:
             raise ConfigError(f"--device {device}: no CUDA device is visible here; use --device cpu (or auto).")
         if parsed.index is not None and parsed.index >= count:

@@ -163,9 +163,37 @@ def group_spec(trainer: str, task: str, arm: str, seeds: list[int]) -> str:
     return f"{arm}=" + ",".join(Run(trainer, task, arm, s, ()).folder for s in seeds)
 
 
+def compare_arms(trainer: str, task: str, arms: list[str], runs: list[Run], key: str, plots: str) -> dict | None:
+    """One trainer x task on the seeds at which every arm of `runs` finished: evaluate.py compare of the arms
+    (the baseline last) on the three curves, and the final policies' statistics. None when no seed is complete."""
+    import evaluate
+    seeds = complete_seeds(trainer, task, runs)
+    if not seeds:
+        print(f"{key}: no seed has finished every arm yet; left out")
+        return None
+    groups = [group_spec(trainer, task, arm, seeds) for arm in [a for a in arms if a != "baseline"] + ["baseline"]]
+    summary = {"seeds": seeds}
+    for metric in ("plain_reward_mean", "reward_mean", "heldout_reward_mean"):
+        summary[metric] = evaluate.main(["compare", "--groups", *groups, "--metric", metric,
+                                         "--out", os.path.join(OUT, f"{plots}-{metric}.png"), "--title", key])
+    finals = {}
+    for arm in arms:
+        stats = [final_policy_stats(r) for r in runs if (r.trainer, r.task, r.arm) == (trainer, task, arm) and r.seed in seeds]
+        finals[arm] = {k: [s[k] for s in stats] for k in stats[0]} if stats else {}
+    return {"compare": summary, "final": finals}
+
+
+def write_results(results: dict, json_name: str, tables_name: str):
+    """The results in runs/study/{json_name} and their markdown tables in runs/study/{tables_name} (printed too)."""
+    with open(os.path.join(OUT, json_name), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    with open(os.path.join(OUT, tables_name), "w") as f:
+        f.write(tables(results))
+    print(tables(results))
+
+
 def analyse():
     import torch
-    import evaluate
     torch.set_num_threads(2)
     runs = all_runs()
     results = {}
@@ -173,50 +201,26 @@ def analyse():
         for task in TASKS:
             key = f"{trainer}-{task}"
             arms = ARMS | (ABLATIONS if (trainer, task) == ("alignprop", "toy") else {})
-            seeds = complete_seeds(trainer, task)
-            if not seeds:
-                print(f"{key}: no seed has finished every arm yet; left out")
-                continue
-            groups = [group_spec(trainer, task, arm, seeds) for arm in [a for a in arms if a != "baseline"] + ["baseline"]]
-            summary = {"seeds": seeds}
-            for metric in ("plain_reward_mean", "reward_mean", "heldout_reward_mean"):
-                summary[metric] = evaluate.main(["compare", "--groups", *groups, "--metric", metric,
-                                                 "--out", os.path.join(OUT, f"{key}-{metric}.png"), "--title", key])
-            finals = {}
-            for arm in arms:
-                stats = [final_policy_stats(r) for r in runs if (r.trainer, r.task, r.arm) == (trainer, task, arm) and r.seed in seeds]
-                finals[arm] = {k: [s[k] for s in stats] for k in stats[0]} if stats else {}
-            results[key] = {"compare": summary, "final": finals}
-    with open(os.path.join(OUT, "analysis.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
-    with open(os.path.join(OUT, "tables.md"), "w") as f:
-        f.write(tables(results))
+            result = compare_arms(trainer, task, list(arms), runs, key, plots=key)
+            if result:
+                results[key] = result
+    write_results(results, "analysis.json", "tables.md")
     figure(os.path.join(ROOT, "docs", "toy-study.png"))
-    print(open(os.path.join(OUT, "tables.md")).read())
 
 
 def analyse_followup():
     """Section 6.6: the ten new seeds alone (primary), then pooled with the study's seeds 0-4 (secondary)."""
     import torch
-    import evaluate
     torch.set_num_threads(2)
     new = all_runs(followup=True)
     old = [r for r in all_runs() if (r.trainer, r.task, r.arm) in {("alignprop", "toy", a) for a in FOLLOWUP_ARMS}]
     results = {}
-    for key, runs in (("alignprop-toy, seeds 5-14 (primary)", new), ("alignprop-toy, seeds 0-14 pooled (secondary)", old + new)):
-        seeds = complete_seeds("alignprop", "toy", runs)
-        groups = [group_spec("alignprop", "toy", arm, seeds) for arm in FOLLOWUP_ARMS]
-        summary = {"seeds": seeds}
-        for metric in ("plain_reward_mean", "reward_mean", "heldout_reward_mean"):
-            summary[metric] = evaluate.main(["compare", "--groups", *groups, "--metric", metric, "--out",
-                                             os.path.join(OUT, f"followup-{seeds[0]}-{seeds[-1]}-{metric}.png"), "--title", key])
-        finals = {arm: [final_policy_stats(r) for r in runs if r.arm == arm and r.seed in seeds] for arm in FOLLOWUP_ARMS}
-        results[key] = {"compare": summary, "final": {arm: {k: [s[k] for s in st] for k in st[0]} for arm, st in finals.items()}}
-    with open(os.path.join(OUT, "followup.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
-    with open(os.path.join(OUT, "followup.md"), "w") as f:
-        f.write(tables(results))
-    print(open(os.path.join(OUT, "followup.md")).read())
+    for key, runs, plots in (("alignprop-toy, seeds 5-14 (primary)", new, "followup-5-14"),
+                             ("alignprop-toy, seeds 0-14 pooled (secondary)", old + new, "followup-0-14")):
+        result = compare_arms("alignprop", "toy", list(FOLLOWUP_ARMS), runs, key, plots)
+        if result:
+            results[key] = result
+    write_results(results, "followup.json", "followup.md")
 
 
 def mean_sd(values):

@@ -54,7 +54,7 @@ def test_device_is_checked_by_name():
     assert common.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ConfigError, match="--device gpu0: not a device name"):
         common.resolve_device("gpu0")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = torch.cuda.device_count()
     with pytest.raises(ConfigError, match=f"--device cuda:{count}: "):
         common.resolve_device(f"cuda:{count}")  # one past the last visible GPU (none here: cuda:0)
 
