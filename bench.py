@@ -61,6 +61,7 @@ import lora
 import rewards
 import train_alignprop
 import train_ddpo
+from scaffold import read_metrics, run_cli
 from train_ddpo import ppo_loss
 
 # -----------------------------------------------------------------------------
@@ -501,11 +502,11 @@ def reward_scorer(name: str, tiny: bool, device: str, dtype: torch.dtype):
         return lambda images: fn(images, ["a cat"] * len(images))
     import open_clip
     if name == "aesthetic":  # OpenAI CLIP ViT-L/14 image tower + the LAION head shipped in the repo
-        visual = rewards._frozen(open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True).visual, device, dtype)
-        head = rewards._frozen(rewards.load_aesthetic_head(), device, dtype)
+        visual = rewards.frozen(open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True).visual, device, dtype)
+        head = rewards.frozen(rewards.load_aesthetic_head(), device, dtype)
         return lambda images: head(F.normalize(visual(rewards.clip_preprocess(images).to(dtype)), dim=-1)).squeeze(-1).float()
     if name == "hpsv2":  # open_clip ViT-H-14
-        model = rewards._frozen(open_clip.create_model("ViT-H-14", pretrained=None), device, dtype)
+        model = rewards.frozen(open_clip.create_model("ViT-H-14", pretrained=None), device, dtype)
         text = F.normalize(torch.randn(1, 1024, device=device, dtype=dtype), dim=-1)
         return lambda images: (model.encode_image(rewards.clip_preprocess(images).to(dtype), normalize=True) * text).sum(-1).float()
     from transformers import CLIPConfig, CLIPModel  # PickScore: a transformers CLIPModel with the ViT-H/14 config
@@ -515,11 +516,11 @@ def reward_scorer(name: str, tiny: bool, device: str, dtype: torch.dtype):
         vision_config=dict(image_size=224, patch_size=14, hidden_size=1280, intermediate_size=5120,
                            num_hidden_layers=32, num_attention_heads=16, hidden_act="gelu"),
         projection_dim=1024)
-    model = rewards._frozen(CLIPModel(config), device, dtype)
+    model = rewards.frozen(CLIPModel(config), device, dtype)
     text = F.normalize(torch.randn(1, 1024, device=device, dtype=dtype), dim=-1)
 
     def score(images):
-        emb = rewards._features(model.get_image_features(pixel_values=rewards.clip_preprocess(images).to(dtype)))
+        emb = rewards.features(model.get_image_features(pixel_values=rewards.clip_preprocess(images).to(dtype)))
         return (model.logit_scale.exp() * (F.normalize(emb, dim=-1) * text).sum(-1)).float()
     return score
 
@@ -1053,7 +1054,7 @@ def part_sdxl_train(run: Run):
             except subprocess.TimeoutExpired:
                 run.emit(part, name, status="error", error="stopped at the budget's deadline")
                 continue
-            m = common.read_metrics(os.path.join(tmp, "metrics.jsonl"))[-1]
+            m = read_metrics(os.path.join(tmp, "metrics.jsonl"))[-1]
         seconds = m["s_sample"] + m["s_reward"] + m["s_train"] if "s_train" in m else m["s_step"]
         mem = peak["peak_mem_mb"]
         met = mem <= SDXL_MEMORY_GOAL_GIB * 1024 if run.cuda else None
@@ -1201,4 +1202,4 @@ def cli(args=None) -> Config | Suite | Table:
 
 
 if __name__ == "__main__":
-    common.run_cli(main, cli)
+    run_cli(main, cli)

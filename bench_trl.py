@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 import tyro
 
-import common
+import scaffold
 import diffusion
 import rewards
 import train_ddpo
@@ -133,9 +133,9 @@ def run_ours(cfg: Config, folder: str, workdir: str, tpf: int) -> dict:
         train=dataclasses.replace(preset.train, batch_size=cfg.train_batch, updates_per_epoch=n // (cfg.train_batch * cfg.grad_accum),
                                   timesteps_per_forward=tpf, lr=cfg.lr, clip_range=cfg.clip_range, per_prompt_stats=False),
         explore=ExploreConfig(diffexp=False), reward=rewards.RewardConfig(name="jpeg-compressibility"),
-        lora=common.LoRAConfig(rank=4, alpha=4.0), log=common.LogConfig(grid_every=0, save_every=0),
+        lora=scaffold.LoRAConfig(rank=4, alpha=4.0), log=scaffold.LogConfig(grid_every=0, save_every=0),
         eval=dataclasses.replace(preset.eval, every=0, diversity=False))
-    records = common.read_metrics(os.path.join(train_ddpo.main(ours), "metrics.jsonl"))
+    records = scaffold.read_metrics(os.path.join(train_ddpo.main(ours), "metrics.jsonl"))
     return throughput(cfg, [r["s_sample"] for r in records], [r["s_train"] for r in records])
 
 

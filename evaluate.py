@@ -53,12 +53,31 @@ import tyro
 from safetensors import safe_open
 
 import common
+import scaffold
+import plots
 import diffusion
 import lora
 import rewards
 from common import ConfigError, print0
 from diffusion import Prompt
 from rewards import RewardName
+
+# -----------------------------------------------------------------------------
+# Evaluation settings of the trainers (--eval.*)
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # epochs between evaluations with fixed seeds, plain prompts and w_high (0: never); also before training
+    plain: bool = True  # evaluate the training prompts too (plain_reward_*): the plain policy's reward, unbiased by exploration
+    prompts: str = "unseen-animals"  # the held-out prompt set (heldout_reward_*)
+    samples_per_prompt: int = 4
+    batch_size: int = 8
+    diversity: bool = True  # log the CLIP diversity of each epoch's training samples (needs CLIP ViT-L/14)
+    clip_tiny: bool = False  # a small random CLIP for the diversity metric (offline smoke runs)
+    clip_weights: str | None = None  # local CLIP ViT-L/14 weights for the diversity metric
+
+
+
 
 # -----------------------------------------------------------------------------
 # Diversity: mean pairwise cosine distance of CLIP image embeddings. Reward hacking shows up as a
@@ -262,7 +281,7 @@ def resolve_checkpoint(spec: str) -> tuple[str, str | None]:
     elif os.path.isfile(os.path.join(path, lora.WEIGHT_NAME)):
         weights = os.path.join(path, lora.WEIGHT_NAME)
     else:
-        ckpt = common.latest_checkpoint(path) if os.path.isdir(path) else None
+        ckpt = scaffold.latest_checkpoint(path) if os.path.isdir(path) else None
         weights = os.path.join(ckpt, lora.WEIGHT_NAME) if ckpt else None
         if weights is None or not os.path.isfile(weights):
             raise ConfigError(
@@ -351,7 +370,7 @@ def score_checkpoint(models, prompts, reward_fns: dict, embedder, samples_per_pr
         shown = [k for k, i in enumerate(prompt_idx) if i < grid_prompts]
         grid += [images[k].cpu() for k in shown]
         first = scores[next(iter(scores))][-1] if scores else None  # the batch's values of the first reward (b,)
-        labels += common.grid_labels([texts[k] for k in shown], first[shown] if first is not None else None)
+        labels += plots.grid_labels([texts[k] for k in shown], first[shown] if first is not None else None)
     result = {"rewards": {}}
     for name, chunks in scores.items():
         values = torch.cat(chunks).view(len(prompts), N)  # prompt-major, as sampled
@@ -408,7 +427,7 @@ def score(cfg: ScoreConfig) -> dict:
         if len(grid):
             grid_path = os.path.join(cfg.out, f"grid_{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.png")
             title = label + (f"  (r = {cfg.rewards[0]})" if cfg.rewards else "")
-            common.save_grid(grid, grid_path, nrow=cfg.samples_per_prompt, labels=grid_labels, title=title)
+            plots.save_grid(grid, grid_path, nrow=cfg.samples_per_prompt, labels=grid_labels, title=title)
         line = " | ".join(f"{name} {r['mean']:.4g}±{r['sem']:.2g}" for name, r in result["rewards"].items())
         print0(f"{label} | {line}" + (f" | diversity {result['diversity']['mean']:.3g}" if "diversity" in result else ""))
 
@@ -571,7 +590,7 @@ def sample(cfg: SampleConfig) -> dict:
                 tile_labels.append(f"seed {s}\n{values}" if values else f"seed {s}")
         path = os.path.join(cfg.out, slug(prompt.text, taken) + ".png")
         title = prompt.text + (f"  (r = {cfg.rewards[0]})" if len(reward_fns) == 1 else "")
-        common.save_grid(torch.cat(images), path, nrow=len(seeds), labels=tile_labels, row_labels=labels, title=title)
+        plots.save_grid(torch.cat(images), path, nrow=len(seeds), labels=tile_labels, row_labels=labels, title=title)
         summary["prompts"].append({"prompt": prompt.text, "grid": os.path.basename(path),
                                    **({"rewards": scores} if reward_fns else {})})
         means = "".join(f" | mean {name}: " + ", ".join(f"{label} {sum(s[name]) / len(seeds):.4g}" for label, s in scores.items())
@@ -630,7 +649,7 @@ def read_curve(run: str, metric: str = "reward_mean") -> tuple[torch.Tensor, tor
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ConfigError(f"--groups: run {run} has no metrics.jsonl ({path} does not exist).")
-    records = [r for r in common.read_metrics(path) if r.get(metric) is not None and "reward_queries" in r]
+    records = [r for r in scaffold.read_metrics(path) if r.get(metric) is not None and "reward_queries" in r]
     if not records:
         raise ConfigError(f"--groups: {path} has no records with 'reward_queries' and '{metric}' (--metric).")
     x = torch.tensor([r["reward_queries"] for r in records], dtype=torch.float64)
@@ -823,4 +842,4 @@ def main(args=None, cfg=None):
 
 
 if __name__ == "__main__":
-    common.run_cli(lambda cfg: main(cfg=cfg), cli)
+    scaffold.run_cli(lambda cfg: main(cfg=cfg), cli)

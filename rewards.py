@@ -126,7 +126,7 @@ def _weights_file(weights: str | None, repo_id: str, filenames: tuple[str, ...],
     return _fetch(load, f"{repo_id} ({' or '.join(filenames)})", what)
 
 
-def _frozen(model: nn.Module, device, dtype) -> nn.Module:
+def frozen(model: nn.Module, device, dtype) -> nn.Module:
     """Rewards are fixed functions: eval mode (dropout off), no parameter gradients."""
     return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
@@ -138,7 +138,7 @@ def _seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
         return build()
 
 
-def _features(out) -> torch.Tensor:
+def features(out) -> torch.Tensor:
     """transformers 5 returns a ModelOutput from get_*_features (projection in pooler_output); 4.x a tensor."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
@@ -213,7 +213,7 @@ def clip_image_embedder(device="cpu", dtype=torch.float32, tiny: bool = False, w
         # warns about the mismatch, so force it.
         model = _fetch(lambda _: open_clip.create_model("ViT-L-14", pretrained=path, force_quick_gelu=True),
                        path, "CLIP ViT-L/14 (OpenAI) weights")
-    visual = _frozen(model.visual, device, dtype)  # the text tower is not needed
+    visual = frozen(model.visual, device, dtype)  # the text tower is not needed
     del model
 
     def embed(images: torch.Tensor) -> torch.Tensor:
@@ -229,7 +229,7 @@ def aesthetic(device="cpu", dtype=torch.float32, tiny: bool = False, weights: st
     open_clip ViT-L-14 checkpoint (the head always comes from the repo). The real head also sits on top
     of the tiny CLIP (same 768-d embedding), so only the CLIP is random there."""
     embed = clip_image_embedder(device, dtype, tiny, weights)
-    head = _frozen(load_aesthetic_head(), device, dtype)
+    head = frozen(load_aesthetic_head(), device, dtype)
 
     def reward_fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return head(embed(images)).squeeze(-1).float().to(images.device)  # (B,)
@@ -270,17 +270,17 @@ def pickscore(device="cpu", dtype=torch.float32, tiny: bool = False, weights: st
         tok_source = source if has_tokenizer else PICKSCORE_PROCESSOR
         tokenizer = _fetch(lambda local: AutoTokenizer.from_pretrained(tok_source, local_files_only=local),
                            tok_source, "PickScore tokenizer")
-    model = _frozen(model, device, dtype)
+    model = frozen(model, device, dtype)
 
     def encode_text(prompts: list[str]) -> torch.Tensor:
         tokens = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
-        return F.normalize(_features(model.get_text_features(**tokens)), dim=-1)  # (N, D)
+        return F.normalize(features(model.get_text_features(**tokens)), dim=-1)  # (N, D)
 
     text_embeddings = _text_cache(encode_text)
 
     def reward_fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         x = clip_preprocess(images.to(device)).to(dtype)  # (B, 3, 224, 224)
-        image_emb = F.normalize(_features(model.get_image_features(pixel_values=x)), dim=-1)  # (B, D)
+        image_emb = F.normalize(features(model.get_image_features(pixel_values=x)), dim=-1)  # (B, D)
         cosine = (image_emb * text_embeddings(prompts)).sum(-1)  # (B,)
         return (model.logit_scale.exp() * cosine).float().to(images.device)
 
@@ -306,7 +306,7 @@ def hpsv2(device="cpu", dtype=torch.float32, tiny: bool = False, weights: str | 
         path = _weights_file(weights, HPSV2_HUB, (HPSV2_FILE,), "HPS v2.1 checkpoint")
         # open_clip loads it strictly, unwrapping its "state_dict" and stripping DDP's "module." prefix
         model = _fetch(lambda _: open_clip.create_model("ViT-H-14", pretrained=path), path, "HPS v2.1 checkpoint")
-    model = _frozen(model, device, dtype)
+    model = frozen(model, device, dtype)
     tokenizer = open_clip.get_tokenizer("ViT-H-14")  # open_clip's CLIP BPE, shipped in its package
 
     def encode_text(prompts: list[str]) -> torch.Tensor:

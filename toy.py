@@ -666,7 +666,7 @@ def describe(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
 
 
 def evaluate(cfg: EvalConfig):
-    from common import grid_labels, save_grid
+    from plots import grid_labels, save_grid
     from diffusion import Prompt, encode_prompts, encode_text, load_models, sample, timesteps
     from explore import ExploreConfig, explore_batch
     torch.set_num_threads(cfg.threads)
@@ -763,5 +763,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    from common import run_cli
+    from scaffold import run_cli
     run_cli(main, cli)

@@ -32,15 +32,19 @@ import tyro
 from tqdm import tqdm
 
 import common
+import scaffold
+import plots
 import diffusion
 import evaluate
 import explore
 import lora
 import rewards
 import toy
-from common import ConfigError, EvalConfig, LogConfig, LoRAConfig, print0
+from common import ConfigError, print0
+from evaluate import EvalConfig
 from explore import ExploreConfig
 from rewards import RewardConfig
+from scaffold import LogConfig, LoRAConfig
 
 # -----------------------------------------------------------------------------
 # Config
@@ -151,12 +155,12 @@ def peak_memory_mb(device: str) -> float:
 
 
 def main(cfg: Config):
-    return common.run_guarded(train, cfg)
+    return scaffold.run_guarded(train, cfg)
 
 
-def train(cfg: Config, guard: common.LastGoodState):
+def train(cfg: Config, guard: scaffold.LastGoodState):
     # ---- checks and set-up
-    common.check_shared(cfg)
+    scaffold.check_shared(cfg)
     explore.validate(cfg.explore, cfg.sample.guidance_scale)
     T = cfg.sample.num_steps
     if cfg.reward.name not in rewards.DIFFERENTIABLE:
@@ -172,8 +176,8 @@ def train(cfg: Config, guard: common.LastGoodState):
     if rem or grad_accum < 1 or grad_accum % world:
         raise ConfigError(f"--train.total-batch {cfg.train.total_batch} must be a multiple of --train.batch-size "
                          f"{cfg.train.batch_size} x the number of processes ({world}).")
-    run_dir = common.start_run(cfg) if rank == 0 else common.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name)
-    resume = common.resume_from(cfg.resume, run_dir)  # --resume auto: the newest checkpoint in run_dir, if any
+    run_dir = scaffold.start_run(cfg) if rank == 0 else scaffold.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name)
+    resume = scaffold.resume_from(cfg.resume, run_dir)  # --resume auto: the newest checkpoint in run_dir, if any
 
     models = diffusion.load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
     precision = common.Precision(device, dtype)
@@ -191,19 +195,19 @@ def train(cfg: Config, guard: common.LastGoodState):
     heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 and cfg.eval.prompts else None
     start_epoch, reward_queries = 0, 0
     if resume:
-        state = common.load_checkpoint(resume, unet)
+        state = scaffold.load_checkpoint(resume, unet)
         optimizer.load_state_dict(state["optimizer"])
         precision.load_state_dict(state.get("precision"))
         start_epoch, reward_queries = state["epoch"], state["reward_queries"]
         print0(f"resumed from {state['path']} at epoch {start_epoch}")
-    if common.nothing_left(cfg, start_epoch, run_dir):  # --resume auto of a finished run
+    if scaffold.nothing_left(cfg, start_epoch, run_dir):  # --resume auto of a finished run
         return run_dir
 
     def policy_scores():  # fixed seeds, plain prompts, w_high: the training prompts and the held-out ones
         return evaluate.policy_scores(models, cfg.eval, prompt_set, heldout, reward_fn, T, cfg.sample.eta,
                                       cfg.sample.guidance_scale, cfg.seed, embedder)
-    tracker = common.start_tracking(cfg, run_dir, rank, start_epoch, reward_queries, policy_scores)
-    bars = common.show_progress(cfg.log, rank)
+    tracker = scaffold.start_tracking(cfg, run_dir, rank, start_epoch, reward_queries, policy_scores)
+    bars = scaffold.show_progress(cfg.log, rank)
     print0(f"batch arithmetic: {cfg.train.total_batch} samples per optimizer step = {grad_accum} micro-batches x "
            f"{cfg.train.batch_size} over {world} process(es); gradients through the last {ks[0]}..{ks[1]} of {T} steps")
     assert grad_accum * cfg.train.batch_size == cfg.train.total_batch
@@ -273,16 +277,16 @@ def train(cfg: Config, guard: common.LastGoodState):
         if common.every(cfg.log.grid_every, epoch + 1, last):  # process 0's first samples, labelled
             n = cfg.log.grid_size
             grid = os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png")
-            common.save_grid(torch.cat(shown)[:n], grid, labels=common.grid_labels(texts[:n], torch.cat(epoch_rewards)[:n]))
+            plots.save_grid(torch.cat(shown)[:n], grid, labels=plots.grid_labels(texts[:n], torch.cat(epoch_rewards)[:n]))
         tracker.log(record, image=grid, caption=f"epoch {epoch}")
         guard.update(epoch + 1, training_state(epoch + 1))  # this epoch is done: a stop from here on keeps it
         print0(f"epoch {epoch} | reward {record['reward_mean']:.4g}±{record['reward_std']:.3g} | loss {common.fmt(record['loss'])} | "
                f"grad norm {common.fmt(record['grad_norm'])} | grads from step {record['grad_from_step']:.3g}/{T} | "
-               f"{'explore' if exploring else 'plain'} | {seconds:.1f} s" + common.eval_line(record))
-        common.plot_rewards(tracker.records, os.path.join(run_dir, "rewards.png"), title=f"{cfg.name}: {cfg.reward.name}")
+               f"{'explore' if exploring else 'plain'} | {seconds:.1f} s" + scaffold.eval_line(record))
+        plots.plot_rewards(tracker.records, os.path.join(run_dir, "rewards.png"), title=f"{cfg.name}: {cfg.reward.name}")
         if common.every(cfg.log.save_every, epoch + 1, last):
-            common.save_checkpoint(run_dir, epoch + 1, unet, training_state(epoch + 1), {"config": cfg, "epoch": epoch + 1, **record})
-            common.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
+            scaffold.save_checkpoint(run_dir, epoch + 1, unet, training_state(epoch + 1), {"config": cfg, "epoch": epoch + 1, **record})
+            scaffold.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
     if tracker:
         tracker.close()
     common.barrier(world)
@@ -294,4 +298,4 @@ def cli(args=None) -> Config:
 
 
 if __name__ == "__main__":
-    common.run_cli(main, cli)
+    scaffold.run_cli(main, cli)

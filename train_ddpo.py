@@ -31,15 +31,19 @@ import tyro
 from tqdm import tqdm
 
 import common
+import scaffold
+import plots
 import diffusion
 import evaluate
 import explore
 import lora
 import rewards
 import toy
-from common import ConfigError, EvalConfig, LogConfig, LoRAConfig, print0
+from common import ConfigError, print0
+from evaluate import EvalConfig
 from explore import ExploreConfig
 from rewards import RewardConfig
+from scaffold import LogConfig, LoRAConfig
 
 # -----------------------------------------------------------------------------
 # Config
@@ -194,12 +198,12 @@ def ppo_loss(log_prob, old_log_prob, advantages, clip_range: float):
 
 
 def main(cfg: Config):
-    return common.run_guarded(train, cfg)
+    return scaffold.run_guarded(train, cfg)
 
 
-def train(cfg: Config, guard: common.LastGoodState):
+def train(cfg: Config, guard: scaffold.LastGoodState):
     # ---- checks and set-up
-    common.check_shared(cfg)
+    scaffold.check_shared(cfg)
     explore.validate(cfg.explore, cfg.sample.guidance_scale)
     if cfg.sample.eta <= 0:
         raise ConfigError(f"--sample.eta {cfg.sample.eta}: DDPO needs eta > 0 (a deterministic DDIM step has no log-prob).")
@@ -227,8 +231,8 @@ def train(cfg: Config, guard: common.LastGoodState):
             f"accumulation x --train.updates-per-epoch {cfg.train.updates_per_epoch}, with the sampling batches and "
             f"the accumulation steps divisible by the {world} process(es).")
     train_steps = max(1, int(len(trainable) * cfg.train.timestep_fraction))
-    run_dir = common.start_run(cfg) if rank == 0 else common.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name)
-    resume = common.resume_from(cfg.resume, run_dir)  # --resume auto: the newest checkpoint in run_dir, if any
+    run_dir = scaffold.start_run(cfg) if rank == 0 else scaffold.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name)
+    resume = scaffold.resume_from(cfg.resume, run_dir)  # --resume auto: the newest checkpoint in run_dir, if any
 
     models = diffusion.load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
     precision = common.Precision(device, dtype)
@@ -247,20 +251,20 @@ def train(cfg: Config, guard: common.LastGoodState):
     stat_tracker = PerPromptStatTracker(cfg.train.buffer_size, cfg.train.min_count)
     start_epoch, reward_queries = 0, 0
     if resume:
-        state = common.load_checkpoint(resume, unet)
+        state = scaffold.load_checkpoint(resume, unet)
         optimizer.load_state_dict(state["optimizer"])
         stat_tracker.load_state_dict(state["stat_tracker"])
         precision.load_state_dict(state.get("precision"))
         start_epoch, reward_queries = state["epoch"], state["reward_queries"]
         print0(f"resumed from {state['path']} at epoch {start_epoch}")
-    if common.nothing_left(cfg, start_epoch, run_dir):  # --resume auto of a finished run
+    if scaffold.nothing_left(cfg, start_epoch, run_dir):  # --resume auto of a finished run
         return run_dir
 
     def policy_scores():  # fixed seeds, plain prompts, w_high: the training prompts and the held-out ones
         return evaluate.policy_scores(models, cfg.eval, prompt_set, heldout, reward_fn, T, cfg.sample.eta,
                                       cfg.sample.guidance_scale, cfg.seed, embedder)
-    tracker = common.start_tracking(cfg, run_dir, rank, start_epoch, reward_queries, policy_scores)
-    bars = common.show_progress(cfg.log, rank)
+    tracker = scaffold.start_tracking(cfg, run_dir, rank, start_epoch, reward_queries, policy_scores)
+    bars = scaffold.show_progress(cfg.log, rank)
     print0(f"batch arithmetic: {N} samples per epoch = {cfg.sample.num_batches} batches x {cfg.sample.batch_size}"
            f" over {world} process(es); training: micro-batches of {cfg.train.batch_size} samples x {train_steps} "
            f"timesteps, {grad_accum} micro-batches per optimizer step -> {cfg.train.updates_per_epoch} optimizer "
@@ -328,7 +332,7 @@ def train(cfg: Config, guard: common.LastGoodState):
         data = {k: torch.cat([b[k] for b in batches]) for k in ("latents", "log_probs", "guidance", "cond")}
         timesteps = diffusion.timesteps(models, T).to(device)
         grid_images = torch.cat([b["images"] for b in batches])[: cfg.log.grid_size]  # process 0's first samples
-        grid_labels = common.grid_labels(local_prompts[: cfg.log.grid_size], local_reward[: cfg.log.grid_size])
+        grid_labels = plots.grid_labels(local_prompts[: cfg.log.grid_size], local_reward[: cfg.log.grid_size])
         del batches
 
         # ---- training: PPO-clip updates over shuffled samples and shuffled timesteps
@@ -395,16 +399,16 @@ def train(cfg: Config, guard: common.LastGoodState):
             grid = None
             if common.every(cfg.log.grid_every, epoch + 1, last):
                 grid = os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png")
-                common.save_grid(grid_images, grid, labels=grid_labels)
+                plots.save_grid(grid_images, grid, labels=grid_labels)
             tracker.log(record, image=grid, caption=f"epoch {epoch}")
             guard.update(epoch + 1, training_state(epoch + 1))  # this epoch is done: a stop from here on keeps it
             print0(f"epoch {epoch} | reward {record['reward_mean']:.4g}±{record['reward_std']:.3g} | "
                    f"kl {common.fmt(record['approx_kl'])} | clipfrac {record['clipfrac']:.3f} | loss {common.fmt(record['loss'])} | "
-                   f"{'explore' if exploring else 'plain'} | {t_sample + t_reward + t_train:.1f} s" + common.eval_line(record))
-            common.plot_rewards(tracker.records, os.path.join(run_dir, "rewards.png"), title=f"{cfg.name}: {cfg.reward.name}")
+                   f"{'explore' if exploring else 'plain'} | {t_sample + t_reward + t_train:.1f} s" + scaffold.eval_line(record))
+            plots.plot_rewards(tracker.records, os.path.join(run_dir, "rewards.png"), title=f"{cfg.name}: {cfg.reward.name}")
             if common.every(cfg.log.save_every, epoch + 1, last):
-                common.save_checkpoint(run_dir, epoch + 1, unet, training_state(epoch + 1), {"config": cfg, "epoch": epoch + 1, **record})
-                common.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
+                scaffold.save_checkpoint(run_dir, epoch + 1, unet, training_state(epoch + 1), {"config": cfg, "epoch": epoch + 1, **record})
+                scaffold.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
         common.barrier(world)
     if tracker:
         tracker.close()
@@ -416,4 +420,4 @@ def cli(args=None) -> Config:
 
 
 if __name__ == "__main__":
-    common.run_cli(main, cli)
+    scaffold.run_cli(main, cli)

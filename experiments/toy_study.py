@@ -126,11 +126,11 @@ def final_policy_stats(run: Run, per_prompt: int = 8) -> dict:
     """The final policy's samples on the training prompts (fixed seeds, plain prompts, w_high): prompt
     fidelity, the spread of the unspecified attributes (collapse is hacking) and both toy rewards."""
     import torch
-    import common
+    import scaffold
     import diffusion
     import evaluate
     import toy
-    weights = os.path.join(common.latest_checkpoint(run.folder), "pytorch_lora_weights.safetensors")
+    weights = os.path.join(scaffold.latest_checkpoint(run.folder), "pytorch_lora_weights.safetensors")
     cache = os.path.join(run.folder, "final_stats.json")  # computed once per final checkpoint
     cached = json.load(open(cache)) if os.path.isfile(cache) else {}
     if cached.get("weights") == weights:

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import scaffold
 import diffusion
 import lora
 import rewards
@@ -24,12 +25,12 @@ def small(tmp_path, **kw) -> Config:
         cfg, run_dir=str(tmp_path / "run"), num_epochs=1, k=1,
         sample=dataclasses.replace(cfg.sample, num_steps=4),
         train=dataclasses.replace(cfg.train, batch_size=2, total_batch=4),
-        log=common.LogConfig(grid_every=1, save_every=1))
+        log=scaffold.LogConfig(grid_every=1, save_every=1))
     return dataclasses.replace(cfg, **kw)
 
 
 def read(run_dir):
-    return common.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    return scaffold.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def test_truncation_only_last_k_unet_calls_give_lora_gradients(tiny, cond, lora_models):
@@ -114,8 +115,8 @@ def test_checkpoint_then_resume_equals_uninterrupted(tmp_path):
     half = small(tmp_path / "b", num_epochs=2)
     train_alignprop.main(dataclasses.replace(half, num_epochs=1))
     resumed = train_alignprop.main(dataclasses.replace(half, resume=half.run_dir))
-    a = load_file(os.path.join(common.latest_checkpoint(full), lora.WEIGHT_NAME))
-    b = load_file(os.path.join(common.latest_checkpoint(resumed), lora.WEIGHT_NAME))
+    a = load_file(os.path.join(scaffold.latest_checkpoint(full), lora.WEIGHT_NAME))
+    b = load_file(os.path.join(scaffold.latest_checkpoint(resumed), lora.WEIGHT_NAME))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["reward_mean"] for r in read(full)] == [r["reward_mean"] for r in read(resumed)]
 

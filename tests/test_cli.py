@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import scaffold
 import train_alignprop
 import train_ddpo
 from common import ConfigError
@@ -66,9 +67,9 @@ def test_run_cli_keeps_real_crashes(capsys):
     def mistake(cfg):
         raise ConfigError("--flag x: do y instead")
     with pytest.raises(RuntimeError, match="a real bug"):
-        common.run_cli(crash, lambda: None)
+        scaffold.run_cli(crash, lambda: None)
     with pytest.raises(SystemExit) as e:
-        common.run_cli(mistake, lambda: None)
+        scaffold.run_cli(mistake, lambda: None)
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: --flag x: do y instead\n"
 
@@ -107,7 +108,7 @@ def test_progress_bars_only_when_asked(tmp_path, capfd):
     quiet = capfd.readouterr()
     assert "\r" not in quiet.err and "\r" not in quiet.out
     assert "epoch 0 |" in quiet.out
-    train_alignprop.main(small_alignprop(tmp_path / "bars", log=common.LogConfig(progress=True)))
+    train_alignprop.main(small_alignprop(tmp_path / "bars", log=scaffold.LogConfig(progress=True)))
     assert "\r" in capfd.readouterr().err
 
 
@@ -116,11 +117,11 @@ def test_progress_bars_only_when_asked(tmp_path, capfd):
 def test_tensorboard_event_file_has_scalars_images_and_config(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    run = train_alignprop.main(small_alignprop(tmp_path, num_epochs=2, log=common.LogConfig(tensorboard=True, grid_every=1)))
+    run = train_alignprop.main(small_alignprop(tmp_path, num_epochs=2, log=scaffold.LogConfig(tensorboard=True, grid_every=1)))
     acc = EventAccumulator(os.path.join(run, "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
-    records = common.read_metrics(os.path.join(run, "metrics.jsonl"))
+    records = scaffold.read_metrics(os.path.join(run, "metrics.jsonl"))
     assert {"reward_mean", "by_epoch/reward_mean", "grad_norm", "reward_queries"} <= set(tags["scalars"])
     assert [e.step for e in acc.Scalars("reward_mean")] == [r["reward_queries"] for r in records]
     assert [e.value for e in acc.Scalars("reward_mean")] == pytest.approx([r["reward_mean"] for r in records])
@@ -133,7 +134,7 @@ def test_wandb_offline_writes_local_files(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run = train_ddpo.main(small_ddpo(tmp_path, log=common.LogConfig(wandb=True, wandb_tags=("test",))))
+    run = train_ddpo.main(small_ddpo(tmp_path, log=scaffold.LogConfig(wandb=True, wandb_tags=("test",))))
     with open(os.path.join(run, "wandb_id.txt")) as f:
         run_id = f.read().strip()
     offline = [d for d in os.listdir(os.path.join(run, "wandb")) if d.startswith("offline-run-") and d.endswith(run_id)]
@@ -148,7 +149,7 @@ def test_wandb_offline_writes_local_files(tmp_path, monkeypatch):
 def test_missing_tracking_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
     with pytest.raises(ConfigError, match="--log.wandb: the package 'wandb' is not installed"):
-        train_ddpo.main(small_ddpo(tmp_path, log=common.LogConfig(wandb=True)))
+        train_ddpo.main(small_ddpo(tmp_path, log=scaffold.LogConfig(wandb=True)))
 
 
 # ---- checkpoints
@@ -159,7 +160,7 @@ class NotATensor:
 
 def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
     run = train_ddpo.main(small_ddpo(tmp_path))
-    ckpt = common.latest_checkpoint(run)
+    ckpt = scaffold.latest_checkpoint(run)
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)  # what the trainers write loads safely
     state["payload"] = NotATensor()
     torch.save(state, os.path.join(ckpt, "state.pt"))
@@ -172,27 +173,27 @@ def test_resaving_a_step_always_leaves_one_complete_checkpoint(tmp_path, monkeyp
     import lora
     unet = copy.deepcopy(tiny.unet)
     lora.inject(unet, rank=2)
-    common.save_checkpoint(str(tmp_path), 3, unet, {"epoch": 3, "version": 1}, {})
+    scaffold.save_checkpoint(str(tmp_path), 3, unet, {"epoch": 3, "version": 1}, {})
     real, seen = os.replace, []
 
     def replace(src, dst):  # before every rename of a checkpoint folder: a complete checkpoint of step 3 is on disk
         if os.path.dirname(str(dst)) != str(tmp_path / "checkpoints"):
             return real(src, dst)
-        found = common.latest_checkpoint(str(tmp_path))
+        found = scaffold.latest_checkpoint(str(tmp_path))
         seen.append(found is not None and os.path.isfile(os.path.join(found, "state.pt")))
         if len(seen) == 2:
             raise KeyboardInterrupt("killed between the two renames")
         real(src, dst)
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint(str(tmp_path), 3, unet, {"epoch": 3, "version": 2}, {})
+        scaffold.save_checkpoint(str(tmp_path), 3, unet, {"epoch": 3, "version": 2}, {})
     monkeypatch.setattr(os, "replace", real)
     assert seen == [True, True]
-    left = common.latest_checkpoint(str(tmp_path))  # the old one, renamed aside
-    assert left.endswith("000003.old") and common.load_checkpoint(str(tmp_path), unet)["version"] == 1
-    common.save_checkpoint(str(tmp_path), 3, unet, {"epoch": 3, "version": 3}, {})  # the next save cleans up
+    left = scaffold.latest_checkpoint(str(tmp_path))  # the old one, renamed aside
+    assert left.endswith("000003.old") and scaffold.load_checkpoint(str(tmp_path), unet)["version"] == 1
+    scaffold.save_checkpoint(str(tmp_path), 3, unet, {"epoch": 3, "version": 3}, {})  # the next save cleans up
     assert os.listdir(tmp_path / "checkpoints") == ["000003"]
-    assert common.load_checkpoint(str(tmp_path), unet)["version"] == 3
+    assert scaffold.load_checkpoint(str(tmp_path), unet)["version"] == 3
 
 
 @pytest.mark.parametrize("trainer, small", [(train_ddpo, small_ddpo), (train_alignprop, small_alignprop)])
@@ -201,8 +202,8 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path, trainer, small):
     --resume of a finished run is an error (raise --num-epochs)."""
     full = trainer.main(small(tmp_path / "full", num_epochs=2))
     auto = trainer.main(small(tmp_path / "auto", num_epochs=2, resume="auto"))
-    assert common.read_metrics(os.path.join(full, "metrics.jsonl"))[-1]["reward_mean"] == \
-        common.read_metrics(os.path.join(auto, "metrics.jsonl"))[-1]["reward_mean"]
+    assert scaffold.read_metrics(os.path.join(full, "metrics.jsonl"))[-1]["reward_mean"] == \
+        scaffold.read_metrics(os.path.join(auto, "metrics.jsonl"))[-1]["reward_mean"]
     assert trainer.main(small(tmp_path / "auto", num_epochs=2, resume="auto")) == auto  # nothing to do
     with pytest.raises(ConfigError, match="finished its 2 epochs"):
         trainer.main(small(tmp_path / "auto", num_epochs=2, resume=auto))

@@ -13,7 +13,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
-import common
+import scaffold
 import lora
 import train_alignprop
 from test_alignprop import small
@@ -36,16 +36,16 @@ def test_compile_trains_and_saves_uncompiled_keys(tmp_path, monkeypatch, tiny):
     monkeypatch.undo()
     assert len(compiled) == 1 and lora.lora_layers(compiled[0]) and graphs  # the LoRA-injected UNet, really traced
 
-    weights = load_file(os.path.join(common.latest_checkpoint(run), lora.WEIGHT_NAME))
+    weights = load_file(os.path.join(scaffold.latest_checkpoint(run), lora.WEIGHT_NAME))
     assert weights and not any("_orig_mod" in k for k in weights)
     fresh = copy.deepcopy(tiny.unet)  # uncompiled
     lora.inject(fresh, rank=4, seed=1)
-    lora.load(fresh, common.latest_checkpoint(run))  # strict: the same keys and shapes
+    lora.load(fresh, scaffold.latest_checkpoint(run))  # strict: the same keys and shapes
     assert all(torch.equal(weights[k], v) for k, v in lora.state_dict(fresh).items())
 
     plain = train_alignprop.main(small(tmp_path / "plain"))  # the same run without compile
-    (a,), (b,) = (common.read_metrics(os.path.join(r, "metrics.jsonl")) for r in (run, plain))
+    (a,), (b,) = (scaffold.read_metrics(os.path.join(r, "metrics.jsonl")) for r in (run, plain))
     assert abs(a["reward_mean"] - b["reward_mean"]) < 1e-5
-    expected = load_file(os.path.join(common.latest_checkpoint(plain), lora.WEIGHT_NAME))
+    expected = load_file(os.path.join(scaffold.latest_checkpoint(plain), lora.WEIGHT_NAME))
     for k in expected:
         torch.testing.assert_close(weights[k], expected[k], rtol=1e-3, atol=1e-6)

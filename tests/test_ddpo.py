@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+import scaffold
 import lora
 import train_ddpo
 from explore import ExploreConfig
@@ -23,12 +23,12 @@ def small(tmp_path, **kw) -> Config:
         cfg, run_dir=str(tmp_path / "run"), num_epochs=1,
         sample=dataclasses.replace(cfg.sample, num_steps=4, batch_size=4, num_batches=2),
         train=dataclasses.replace(cfg.train, batch_size=2, updates_per_epoch=2, timesteps_per_forward=4),
-        log=common.LogConfig(grid_every=1, save_every=1))
+        log=scaffold.LogConfig(grid_every=1, save_every=1))
     return dataclasses.replace(cfg, **kw)
 
 
 def read(run_dir):
-    return common.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    return scaffold.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 
 
 # ---- the math
@@ -151,8 +151,8 @@ def test_checkpoint_then_resume_equals_uninterrupted(tmp_path):
     half = small(tmp_path / "b", num_epochs=2)
     train_ddpo.main(dataclasses.replace(half, num_epochs=1))  # stops after epoch 0 (checkpoint at 1)
     resumed = train_ddpo.main(dataclasses.replace(half, resume=half.run_dir))
-    a = load_file(os.path.join(common.latest_checkpoint(full), lora.WEIGHT_NAME))
-    b = load_file(os.path.join(common.latest_checkpoint(resumed), lora.WEIGHT_NAME))
+    a = load_file(os.path.join(scaffold.latest_checkpoint(full), lora.WEIGHT_NAME))
+    b = load_file(os.path.join(scaffold.latest_checkpoint(resumed), lora.WEIGHT_NAME))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = read(full), read(resumed)
     assert [r["epoch"] for r in rb] == [0, 1]

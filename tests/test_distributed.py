@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+import scaffold
 import lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +28,7 @@ def run(script, run_dir, nproc, port):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return load_file(os.path.join(common.latest_checkpoint(str(run_dir)), lora.WEIGHT_NAME)), common.read_metrics(
+    return load_file(os.path.join(scaffold.latest_checkpoint(str(run_dir)), lora.WEIGHT_NAME)), scaffold.read_metrics(
         os.path.join(run_dir, "metrics.jsonl"))
 
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import common
+import scaffold
+import plots
 from common import ConfigError
 import evaluate
 import lora
@@ -92,7 +93,7 @@ def test_score_shares_seeds_across_checkpoints_and_writes_outputs(tmp_path, lora
     assert on_disk["checkpoints"]["again"]["rewards"]["brightness"]["mean"] == r["mean"]
     table = (out / "table.md").read_text()
     assert all(f"| {label} |" in table for label in ck) and "brightness" in table and "diversity" in table
-    _, line_h = common.grid_font(128)
+    _, line_h = plots.grid_font(128)
     band = 2 + 2 * line_h  # under each image: its prompt and its brightness
     for label in ck:
         grid = Image.open(out / f"grid_{label}.png")  # 2 prompts x 2 seeds of 32 px images, upscaled to 128
@@ -124,7 +125,7 @@ def tiles(path, rows: int, cols: int, labelled_lines: int = 1) -> np.ndarray:
     """The 128 px tiles of a sample grid -> (rows, cols, 128, 128, 3); the row-label column is whatever
     width is left of the tiles."""
     p = np.asarray(Image.open(path).convert("RGB"))
-    _, line_h = common.grid_font(128)
+    _, line_h = plots.grid_font(128)
     top, band = line_h + 2, 2 + labelled_lines * line_h  # the title line; the label band under each tile
     left = p.shape[1] - (cols * 130 + 2)
     return np.stack([np.stack([p[top + 2 + r * (130 + band): top + 2 + r * (130 + band) + 128,
@@ -144,7 +145,7 @@ def test_sample_writes_a_grid_per_prompt_with_shared_seeds(tmp_path, lora_models
     assert [(p["prompt"], p["grid"]) for p in on_disk["prompts"]] == [
         ("a dolphin riding a bike", "a-dolphin-riding-a-bike.png"), ("a cat", "a-cat.png"),
         ("a dog riding a bike", "a-dog-riding-a-bike.png")]
-    _, line_h = common.grid_font(128)
+    _, line_h = plots.grid_font(128)
     for p in on_disk["prompts"]:  # 2 checkpoints (rows) x 2 seeds (columns), a title line, one label line per tile
         w, h = Image.open(out / p["grid"]).size
         assert h == line_h + 2 + 2 * (128 + 2 + line_h + 2) + 2 and w > 2 * 130 + 2
@@ -340,10 +341,10 @@ def test_trainers_evaluate_the_plain_policy_before_and_during_training(tmp_path)
     import diffusion
     import train_alignprop
     from test_alignprop import small
-    eval_cfg = common.EvalConfig(every=1, prompts="unseen-animals", samples_per_prompt=1, diversity=False)
+    eval_cfg = evaluate.EvalConfig(every=1, prompts="unseen-animals", samples_per_prompt=1, diversity=False)
     cfg = small(tmp_path, num_epochs=2, eval=eval_cfg)
     run = train_alignprop.main(cfg)
-    records = common.read_metrics(os.path.join(run, "metrics.jsonl"))
+    records = scaffold.read_metrics(os.path.join(run, "metrics.jsonl"))
     assert [r["epoch"] for r in records] == [-1, 0, 1] and [r["reward_queries"] for r in records] == [0, 4, 8]
     assert "reward_mean" not in records[0]
     assert all("plain_reward_mean" in r and "heldout_reward_mean" in r for r in records)

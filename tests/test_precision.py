@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import scaffold
 import lora
 import train_alignprop
 import train_ddpo
@@ -19,9 +20,9 @@ from test_ddpo import small as small_ddpo
 @pytest.mark.parametrize("trainer, small", [(train_ddpo, small_ddpo), (train_alignprop, small_alignprop)])
 def test_float16_training_step_on_cpu(tmp_path, trainer, small):
     run = trainer.main(small(tmp_path, dtype="float16"))
-    (rec,) = common.read_metrics(os.path.join(run, "metrics.jsonl"))
+    (rec,) = scaffold.read_metrics(os.path.join(run, "metrics.jsonl"))
     assert rec["grad_norm"] > 0 and rec["skipped_steps"] == 0 and torch.isfinite(torch.tensor(rec["loss"]))
-    ckpt = common.latest_checkpoint(run)
+    ckpt = scaffold.latest_checkpoint(run)
     weights = load_file(os.path.join(ckpt, lora.WEIGHT_NAME))
     assert all(t.dtype == torch.float32 for t in weights.values())  # LoRA weights stay float32
     assert any(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k)  # and they moved

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+import scaffold
 from common import ConfigError
 import lora
 import rewards
@@ -27,7 +27,7 @@ TRAINERS = [(train_ddpo, small_ddpo), (train_alignprop, small_alignprop)]
 
 
 def weights(run_dir):
-    return load_file(os.path.join(common.latest_checkpoint(str(run_dir)), lora.WEIGHT_NAME))
+    return load_file(os.path.join(scaffold.latest_checkpoint(str(run_dir)), lora.WEIGHT_NAME))
 
 
 def same(a, b):
@@ -51,19 +51,19 @@ def nan_reward_from_call(n):
 
 @pytest.mark.parametrize("trainer, small", TRAINERS)
 def test_nan_reward_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch, trainer, small):
-    full = trainer.main(small(tmp_path / "full", num_epochs=3, log=common.LogConfig(save_every=0)))
-    cfg = small(tmp_path / "cut", num_epochs=3, log=common.LogConfig(save_every=0))  # checkpoints only at the end
+    full = trainer.main(small(tmp_path / "full", num_epochs=3, log=scaffold.LogConfig(save_every=0)))
+    cfg = small(tmp_path / "cut", num_epochs=3, log=scaffold.LogConfig(save_every=0))  # checkpoints only at the end
     calls_per_epoch = 2  # both tiny configs score 2 batches per epoch
     monkeypatch.setattr(rewards, "make_reward", nan_reward_from_call(calls_per_epoch + 1))  # NaN in epoch 1
     with pytest.raises(FloatingPointError, match="epoch 1"):
         trainer.main(cfg)
-    ckpt = common.latest_checkpoint(cfg.run_dir)
+    ckpt = scaffold.latest_checkpoint(cfg.run_dir)
     assert ckpt.endswith("000001")  # the state after epoch 0, the last good one
     monkeypatch.undo()
     resumed = trainer.main(dataclasses.replace(cfg, resume=cfg.run_dir))
     assert same(weights(full), weights(resumed))
-    assert [r["reward_mean"] for r in common.read_metrics(os.path.join(full, "metrics.jsonl"))] == \
-           [r["reward_mean"] for r in common.read_metrics(os.path.join(resumed, "metrics.jsonl"))]
+    assert [r["reward_mean"] for r in scaffold.read_metrics(os.path.join(full, "metrics.jsonl"))] == \
+           [r["reward_mean"] for r in scaffold.read_metrics(os.path.join(resumed, "metrics.jsonl"))]
 
 
 def test_failing_reward_model_keeps_the_samples(tmp_path, monkeypatch):
@@ -98,14 +98,14 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
             break
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0 and "saved the state before that epoch" in out, out[-2000:]
-    assert int(os.path.basename(common.latest_checkpoint(str(cut)))) >= 1  # epoch 0's work was kept
+    assert int(os.path.basename(scaffold.latest_checkpoint(str(cut)))) >= 1  # epoch 0's work was kept
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)  # the same command again
     assert same(weights(full), weights(cut))
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     run = train_ddpo.main(small_ddpo(tmp_path))
-    ckpt = common.latest_checkpoint(run)
+    ckpt = scaffold.latest_checkpoint(run)
     state = os.path.join(ckpt, "state.pt")
     with open(state, "r+b") as f:
         f.truncate(100)
@@ -123,7 +123,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("trainer, small", TRAINERS)
 def test_bfloat16_training_step_on_cpu(tmp_path, trainer, small):
     run = trainer.main(small(tmp_path, dtype="bfloat16"))
-    (rec,) = common.read_metrics(os.path.join(run, "metrics.jsonl"))
+    (rec,) = scaffold.read_metrics(os.path.join(run, "metrics.jsonl"))
     assert rec["grad_norm"] > 0 and torch.isfinite(torch.tensor(rec["loss"]))
     w = weights(run)
     assert all(t.dtype == torch.float32 for t in w.values())  # LoRA weights stay float32

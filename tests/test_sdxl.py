@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import scaffold
 import diffusion
 import explore
 import lora
@@ -238,10 +239,10 @@ def test_training_step_on_tiny_sdxl(tmp_path, trainer, small):
     starts at zero), and DDPO's re-scoring is on-policy (ratio 1 before the first update)."""
     cfg = small(tmp_path, model="tiny-sdxl", explore=ExploreConfig(t_thres=500))
     run = trainer.main(cfg)
-    (rec,) = common.read_metrics(os.path.join(run, "metrics.jsonl"))
+    (rec,) = scaffold.read_metrics(os.path.join(run, "metrics.jsonl"))
     assert rec["exploring"] and rec["grad_norm"] > 0
     if trainer is train_ddpo:
         assert rec["first_ratio_err"] < 1e-5
-    weights = load_file(os.path.join(common.latest_checkpoint(run), lora.WEIGHT_NAME))
+    weights = load_file(os.path.join(scaffold.latest_checkpoint(run), lora.WEIGHT_NAME))
     assert any(".attn2.to_k.lora_B" in k for k in weights)
     assert all(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+import scaffold
 import lora
 import toy
 import train_alignprop
@@ -221,13 +221,13 @@ def test_one_toy_epoch_of_each_trainer(tmp_path, trainer, preset):
         train = dataclasses.replace(cfg.train, batch_size=2, total_batch=4)
     cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"), num_epochs=1, sample=sample, train=train,
                               eval=dataclasses.replace(cfg.eval, samples_per_prompt=1),
-                              **({"k": 4} if trainer == "alignprop" else {}), log=common.LogConfig(grid_every=1, save_every=1))
+                              **({"k": 4} if trainer == "alignprop" else {}), log=scaffold.LogConfig(grid_every=1, save_every=1))
     module.main(cfg)
-    before, record = common.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    before, record = scaffold.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
     assert before["reward_queries"] == 0 and "plain_reward_mean" in before and "heldout_reward_mean" in before
     assert record["reward_queries"] == 4 and record["reward_mean"] == record["reward_mean"]  # not NaN
     assert cfg.reward.name == {"toy": "toy-aesthetic", "toy-classifier": "toy-classifier"}[preset]
-    path = os.path.join(common.latest_checkpoint(str(tmp_path / "run")), lora.WEIGHT_NAME)
+    path = os.path.join(scaffold.latest_checkpoint(str(tmp_path / "run")), lora.WEIGHT_NAME)
     assert any(v.abs().max() > 0 for k, v in load_file(path).items() if "lora_B" in k)
 
 
