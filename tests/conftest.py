@@ -47,6 +47,27 @@ def uncond(tiny):
 
 
 @pytest.fixture(scope="session")
+def tiny64(tiny, cond, uncond):
+    """(models, cond, uncond): the tiny models with the UNet in float64, and `cond` / `uncond` in float64.
+    For comparing runs whose UNet calls batch different rows (guidance skipping runs B to 2B rows): in
+    float32 the kernels a batch size selects round differently, ~1e-7 relative per operation, and that
+    grows over the sampling steps by an amount that depends on the CPU (2.7e-5 after 4 steps on one AVX-512
+    machine, 4.8e-6 on another). In float64 the same effect is ~1e-16 relative, far below the float32 in
+    which eps is returned and the sampler steps, so such runs agree to the float32 rounding of their
+    results (see float32_tolerance)."""
+    unet = copy.deepcopy(tiny.unet).to(torch.float64)
+    return dataclasses.replace(tiny, unet=unet), cond.double(), uncond.double()
+
+
+def float32_tolerance(reference: torch.Tensor, ulps: int = 16) -> float:
+    """An absolute tolerance of `ulps` float32 units in the last place at the scale of `reference`. Runs of
+    the float64 UNet (tiny64) that differ only in batch composition return bit-identical float32 eps unless
+    a value lies within ~1e-16 of a float32 rounding boundary (about one value in 1e8); such a flip moves
+    that value by one ulp, and the remaining steps of a 4-step sampler can grow it by a few ulps."""
+    return ulps * torch.finfo(torch.float32).eps * reference.abs().max().item()
+
+
+@pytest.fixture(scope="session")
 def tiny_folder(tiny, tmp_path_factory):
     """The tiny models saved as a diffusers StableDiffusionPipeline folder."""
     from diffusers import StableDiffusionPipeline
