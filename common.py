@@ -5,6 +5,7 @@ torchrun, mixed precision, and randomness keyed by where it is drawn.
 """
 
 import hashlib
+import math
 import os
 
 import torch
@@ -40,6 +41,37 @@ def resolve_device(device: str) -> str:
         if parsed.index is not None and parsed.index >= count:
             raise ConfigError(f"--device {device}: only {count} CUDA device(s) visible (cuda:0 to cuda:{count - 1}).")
     return device
+
+
+def hub_reachable() -> bool:
+    """One quick request to the Hugging Face hub (False at once under HF_HUB_OFFLINE=1). Without it, an offline
+    machine waits through huggingface_hub's retries (about 20 s per file) before a download fails."""
+    from huggingface_hub import constants, get_session
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+        return True
+    except Exception:
+        return False
+
+
+OFFLINE_HINT = ("download it on a machine with internet (`hf download {repo} --local-dir DIR`, the command of the "
+                "huggingface_hub package) and pass DIR; HF_HUB_OFFLINE=1 makes every load skip the network at once")
+
+
+def set_threads(threads: int) -> int:
+    """--threads: torch's CPU threads. 0 (automatic): OMP_NUM_THREADS when set (torchrun sets it to 1 for
+    several processes), else the cores this process may run on (its CPU affinity) divided among the processes
+    torchrun started on this machine. On a machine that other jobs share, fewer threads than cores avoid
+    oversubscription, which slows the small models several-fold (README). -> the number of threads."""
+    if threads == 0 and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    if threads == 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -178,3 +210,21 @@ def summarize(rewards: torch.Tensor, prefix: str = "reward") -> dict:
     return {f"{prefix}_mean": r.mean().item(), f"{prefix}_std": r.std(unbiased=False).item(),
             f"{prefix}_min": r.min().item(), f"{prefix}_max": r.max().item()}
 
+
+# -----------------------------------------------------------------------------
+# Records
+
+def config_value(config, dotted: str):
+    """config['a']['b'] for 'a.b'; None where a part is missing."""
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def jsonable(x):
+    """nan -> None, so the JSON is strict."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [jsonable(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x

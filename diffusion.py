@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
+import common
 from common import ConfigError
 
 # -----------------------------------------------------------------------------
@@ -190,29 +191,46 @@ def _pretrained_models(source, flag=None):
     whose UNet takes SDXL's "text_time" conditioning (an SDXL folder, with text_encoder_2/) loads as SDXL."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar in every run's log (downloads keep theirs)
     is_local, flag = os.path.isdir(source), flag or source
-    text_encoder_2 = tokenizer_2 = None
-    try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+
+    def load(local_files_only: bool) -> Models:
+        kw = dict(local_files_only=local_files_only)
+        text_encoder_2 = tokenizer_2 = None
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
         if unet.config.addition_embed_type == "text_time":
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2")
-            tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")
-        scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")  # SDXL ships Euler's config: same betas
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kw)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
+        scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw)  # SDXL ships Euler's: same betas
         has_vae = os.path.isdir(os.path.join(source, "vae")) if is_local else True
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae") if has_vae else None
-    except (OSError, ValueError) as e:
-        if is_local:
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kw) if has_vae else None
+        return Models(unet, text_encoder, tokenizer, scheduler, vae, source, text_encoder_2, tokenizer_2)
+
+    offline = "--model tiny (--model tiny-sdxl) is the offline model"
+    if is_local:
+        try:
+            return load(True)
+        except (OSError, ValueError) as e:
             raise ConfigError(f"--model {flag}: could not load the diffusers folder ({e}). It needs unet/, "
-                               "text_encoder/, tokenizer/, scheduler/, (latent models) vae/ and (SDXL) "
-                               "text_encoder_2/ and tokenizer_2/.") from e
-        raise ConfigError(
-            f"--model {flag}: could not download '{source}' from the Hugging Face hub ({type(e).__name__}). "
-            "If this machine is offline, download the model elsewhere (e.g. `huggingface-cli download "
-            f"{source} --local-dir DIR`) and pass --model DIR, or use --model tiny (--model tiny-sdxl) for the "
-            "offline model.") from e
-    return Models(unet, text_encoder, tokenizer, scheduler, vae, source, text_encoder_2, tokenizer_2)
+                              "text_encoder/, tokenizer/, scheduler/, (latent models) vae/ and (SDXL) "
+                              "text_encoder_2/ and tokenizer_2/.") from e
+    try:
+        return load(True)  # already in the Hugging Face cache: no network needed
+    except (OSError, ValueError):
+        pass
+    if not common.hub_reachable():
+        raise ConfigError(f"--model {flag}: '{source}' is not in the local Hugging Face cache and the hub cannot be "
+                          f"reached (offline, or HF_HUB_OFFLINE is set): "
+                          f"{common.OFFLINE_HINT.format(repo=source)} as --model DIR; {offline}.")
+    try:
+        return load(False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--model {flag}: could not download '{source}' from the Hugging Face hub "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          f"{common.OFFLINE_HINT.format(repo=source)} as --model DIR; {offline}.") from e
 
 
 def load_models(name: str = "tiny", device="cpu", dtype=torch.float32, seed: int = 0) -> Models:

@@ -1,7 +1,6 @@
 """
-Evaluation of reward fine-tuning runs. The paper's claims are curves of reward
-against the number of reward queries, DiffExp against the baseline, and scores on held-out prompts;
-score and compare produce exactly these, and sample shows the images behind the numbers.
+The trainers' evaluation (--eval.*) and two commands on saved LoRA checkpoints: score measures them on
+held-out prompts, sample shows the images behind the numbers (comparing runs' curves: compare.py).
 
     # score checkpoints on held-out prompts: the same seeds for every checkpoint, plain prompts, fixed CFG
     python evaluate.py score --checkpoints base diffexp=runs/ddpo-sd15-aesthetic-20260101-120000 \
@@ -12,11 +11,11 @@ score and compare produce exactly these, and sample shows the images behind the 
     # 8 images of each prompt from each checkpoint (the same 8 seeds for all), one labelled grid per prompt
     python evaluate.py sample --checkpoints base tuned=runs/ddpo-sd15-aesthetic-20260101-120000 \
         --prompts "a dolphin riding a bike" "a cat" --seeds 8 --rewards aesthetic --out samples/
-    python evaluate.py sample --checkpoints base runs/alignprop-toy-20260101-120000 \
-        --prompts prompts/toy_heldout.txt "a red circle" --seeds 0 7 42 --rewards toy-classifier --out samples/toy
+    python evaluate.py sample --checkpoints base 'tuned=runs/alignprop-toy-*' \
+        --prompts prompts/toy_heldout.txt "a red circle" --seeds 0 7 42 --rewards toy-classifier
 
-    # reward vs reward queries, mean and band over seeds, and sample efficiency against a baseline
-    python evaluate.py compare --groups 'diffexp=runs/ddpo-aes-s*' 'baseline=runs/ddpo-aes-base-s*' --out compare.png
+--checkpoints: [LABEL=]PATH each, PATH base (no LoRA), a run folder (its newest checkpoint), a checkpoint
+folder, a LoRA .safetensors file or a glob pattern of these (expand_checkpoints).
 
 score writes OUT/results.json (per checkpoint: each reward's mean, std and standard error overall and
 per prompt; per-prompt sample diversity and its mean), OUT/table.md and OUT/grid_<label>.png (rows:
@@ -31,11 +30,9 @@ and, with --rewards, its rewards) and OUT/samples.json (prompts, seeds, checkpoi
 guidance scale (no exploration); settings default as for score. Seed s gives every checkpoint the same
 noise, whatever other seeds or prompts are asked for, so rows differ only by their weights.
 
-compare writes OUT (a PNG) and OUT with .json: per group the final reward (mean ± std over runs) and
-the reward queries needed to reach a fraction of the baseline's improvement (see sample_efficiency).
-
-The trainers call heldout_score (held-out prompts with the current LoRA) and diversity_by_prompt.
-Sections: diversity | sampling with fixed seeds | score | sample | compare | command line.
+The trainers take EvalConfig and call policy_scores (the current LoRA on fixed seeds), embed_images and
+mean_diversity. Sections: the trainers' settings | diversity | sampling with fixed seeds | score | sample |
+command line.
 """
 
 import contextlib
@@ -50,15 +47,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 import tyro
-from safetensors import safe_open
 
 import common
-import scaffold
-import plots
 import diffusion
 import lora
+import plots
 import rewards
-from common import ConfigError, print0
+import scaffold
+from common import ConfigError, config_value, jsonable, print0
 from diffusion import Prompt
 from rewards import RewardName
 
@@ -75,8 +71,6 @@ class EvalConfig:
     diversity: bool = True  # log the CLIP diversity of each epoch's training samples (needs CLIP ViT-L/14)
     clip_tiny: bool = False  # a small random CLIP for the diversity metric (offline smoke runs)
     clip_weights: str | None = None  # local CLIP ViT-L/14 weights for the diversity metric
-
-
 
 
 # -----------------------------------------------------------------------------
@@ -252,10 +246,23 @@ def parse_reward_weights(specs: tuple[str, ...], names: tuple[str, ...]) -> dict
     return weights
 
 
+def find_weights(path: str) -> str | None:
+    """The LoRA weights file a --checkpoints PATH names: the .safetensors file itself, the weights in a
+    checkpoint folder, or those of a run folder's newest checkpoint; None when there are none."""
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        return path
+    if os.path.isfile(os.path.join(path, lora.WEIGHT_NAME)):
+        return os.path.join(path, lora.WEIGHT_NAME)
+    ckpt = scaffold.latest_checkpoint(path) if os.path.isdir(path) else None
+    weights = os.path.join(ckpt, lora.WEIGHT_NAME) if ckpt else None
+    return weights if weights and os.path.isfile(weights) else None
+
+
 def expand_checkpoints(specs) -> list[str]:
     """Glob patterns in --checkpoints expanded here (the shell leaves LABEL=runs/x-* alone): each match keeps
     the label, suffixed by the folder's name when a pattern matches several ('tuned=runs/a-*' ->
-    'tuned-a-s0=runs/a-s0', ...). A log file beside the run folders is skipped."""
+    'tuned-a-s0=runs/a-s0', ...). A log file beside the run folders is skipped, and so is a matched folder
+    without a checkpoint (a failed run), printing one line. A pattern left with no match fails naming it."""
     out = []
     for spec in specs:
         label, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
@@ -265,8 +272,15 @@ def expand_checkpoints(specs) -> list[str]:
         found = sorted(m for m in glob.glob(path) if os.path.isdir(m) or m.endswith(".safetensors"))
         if not found:
             raise ConfigError(f"--checkpoints {spec}: the pattern {path!r} matches no run or checkpoint.")
+        usable = [m for m in found if find_weights(m)]
         for m in found:
-            name = label if not label or len(found) == 1 else f"{label}-{os.path.basename(m.rstrip('/'))}"
+            if m not in usable:
+                print0(f"--checkpoints {spec}: skipped {m}: no LoRA checkpoint (a failed run?)")
+        if not usable:
+            raise ConfigError(f"--checkpoints {spec}: the pattern {path!r} matches no run or checkpoint with "
+                              f"LoRA weights ({len(found)} without checkpoints/NNNNNN/{lora.WEIGHT_NAME}).")
+        for m in usable:
+            name = label if not label or len(usable) == 1 else f"{label}-{os.path.basename(m.rstrip('/'))}"
             out.append(f"{name}={m}" if name else m)
     return out
 
@@ -276,21 +290,16 @@ def resolve_checkpoint(spec: str) -> tuple[str, str | None]:
     label, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
     if path == "base":
         return label or "base", None
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        weights = path
-    elif os.path.isfile(os.path.join(path, lora.WEIGHT_NAME)):
-        weights = os.path.join(path, lora.WEIGHT_NAME)
-    else:
-        ckpt = scaffold.latest_checkpoint(path) if os.path.isdir(path) else None
-        weights = os.path.join(ckpt, lora.WEIGHT_NAME) if ckpt else None
-        if weights is None or not os.path.isfile(weights):
-            raise ConfigError(
-                f"--checkpoints {spec}: no LoRA checkpoint at {path} (expected 'base', a run folder with "
-                f"checkpoints/NNNNNN/{lora.WEIGHT_NAME}, a checkpoint folder, or the .safetensors file).")
+    weights = find_weights(path)
+    if weights is None:
+        raise ConfigError(
+            f"--checkpoints {spec}: no LoRA checkpoint at {path} (expected 'base', a run folder with "
+            f"checkpoints/NNNNNN/{lora.WEIGHT_NAME}, a checkpoint folder, or the .safetensors file).")
     if not label:  # runs/NAME -> NAME; runs/NAME/checkpoints/000040 -> NAME-000040
         folder = os.path.dirname(os.path.abspath(weights))
         run, parent = os.path.dirname(os.path.dirname(folder)), os.path.basename(os.path.dirname(folder))
-        label = f"{os.path.basename(run)}-{os.path.basename(folder)}" if parent == "checkpoints" else os.path.basename(folder)
+        label = f"{os.path.basename(run)}-{os.path.basename(folder)}" if parent == "checkpoints" \
+            else os.path.basename(folder)
     return label, weights
 
 
@@ -307,50 +316,49 @@ def from_training(value, configs: list[dict], key: str, fallback, flag: str):
     """An explicit flag wins; else the value all checkpoints were trained with (dotted key), else fallback."""
     if value is not None:
         return value
-    found = {json.dumps(v) for c in configs if (v := _get(c, key)) is not None}
+    found = {json.dumps(v) for c in configs if (v := config_value(c, key)) is not None}
     if len(found) > 1:
         raise ConfigError(f"{flag}: the checkpoints were trained with different values ({', '.join(sorted(found))}); "
                          f"pass {flag} to score them under one setting.")
     return json.loads(found.pop()) if found else fallback
 
 
-def _get(config: dict, dotted: str):
-    for part in dotted.split("."):
-        config = config.get(part) if isinstance(config, dict) else None
-    return config
+def resolve_checkpoints(cfg) -> tuple[list[tuple[str, str | None]], str, int, dict]:
+    """--checkpoints -> (label, weights) each (labels must differ), and the settings left unset taken from
+    their training configs: -> (checkpoints, model, model seed, {num_steps, eta, guidance_scale})."""
+    checkpoints = [resolve_checkpoint(s) for s in expand_checkpoints(cfg.checkpoints)]
+    labels = [label for label, _ in checkpoints]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--checkpoints: labels {labels} repeat; name them LABEL=PATH.")
+    configs = [training_config(w) for _, w in checkpoints]
+    model = from_training(cfg.model, configs, "model", "sd15", "--model")
+    random_base = model in ("tiny", "sd15-random")  # the trainers build these from their --seed
+    model_seed = from_training(cfg.model_seed, configs if random_base else [], "seed", 0, "--model-seed")
+    return checkpoints, model, model_seed, dict(
+        num_steps=from_training(cfg.num_steps, configs, "sample.num_steps", 50, "--num-steps"),
+        eta=from_training(cfg.eta, configs, "sample.eta", 0.0, "--eta"),
+        guidance_scale=from_training(cfg.guidance_scale, configs, "sample.guidance_scale", 7.5,
+                                     "--guidance-scale"))
 
 
-@contextlib.contextmanager
+def load_models_and_rewards(cfg, model: str, model_seed: int, reward_weights: dict):
+    """-> (models, {reward name: reward function}, device, dtype) for --device, --dtype and --rewards."""
+    device = common.resolve_device(cfg.device)
+    dtype = common.resolve_dtype(cfg.dtype, device)
+    models = diffusion.load_models(model, device=device, dtype=dtype, seed=model_seed)
+    reward_fns = {name: rewards.make_reward(name, device, dtype, tiny=cfg.reward_tiny,
+                                            weights=reward_weights.get(name)) for name in cfg.rewards}
+    return models, reward_fns, device, dtype
+
+
 def lora_applied(unet, weights: str):
-    """Injects LoRA layers shaped as in `weights` (rank, alpha, wrapped modules: read from the file), loads
-    them, and on exit puts the original nn.Linear layers back, so one base UNet serves every checkpoint."""
-    with safe_open(weights, framework="pt") as f:
-        keys, metadata = [k for k in f.keys() if k.endswith(".lora_A.weight")], f.metadata() or {}
-        if not keys:
-            raise ConfigError(f"--checkpoints: {weights} holds no LoRA tensors (*.lora_A.weight).")
-        rank = f.get_slice(keys[0]).get_shape()[0]  # lora_A is (rank, in_features)
-    alpha = json.loads(metadata.get("lora_adapter_metadata", "{}")).get("unet.lora_alpha", rank)
-    # targets are matched by name suffix: the module's last name part, two when it is an index (to_out.0);
-    # lora.load below checks that exactly the file's modules were wrapped
-    modules = [k[len("unet."): -len(".lora_A.weight")] for k in keys]
-    targets = sorted({".".join(m.split(".")[-2:]) if m.split(".")[-1].isdigit() else m.split(".")[-1] for m in modules})
-    lora.inject(unet, targets, rank, alpha)
+    """lora.applied: LoRA layers shaped as `weights` says, loaded, and taken out again on exit, so one base
+    UNet serves every checkpoint. A file that is unreadable or holds no LoRA fails here, naming it."""
     try:
-        lora.load(unet, weights)
-        yield unet
-    finally:
-        for name, layer in lora.lora_layers(unet).items():
-            parent, _, child = name.rpartition(".")
-            setattr(unet.get_submodule(parent), child, layer.base)
-
-
-def _jsonable(x):
-    """nan -> None, so results.json is strict JSON."""
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_jsonable(v) for v in x]
-    return None if isinstance(x, float) and math.isnan(x) else x
+        lora.read_settings(weights)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"--checkpoints: {e}") from e
+    return lora.applied(unet, weights)
 
 
 def score_checkpoint(models, prompts, reward_fns: dict, embedder, samples_per_prompt, num_steps, eta,
@@ -386,34 +394,21 @@ def score_checkpoint(models, prompts, reward_fns: dict, embedder, samples_per_pr
 
 def score(cfg: ScoreConfig) -> dict:
     # ---- everything that can fail on a typo fails before any model loads
-    checkpoints = [resolve_checkpoint(s) for s in expand_checkpoints(cfg.checkpoints)]
-    labels = [label for label, _ in checkpoints]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"--checkpoints: labels {labels} repeat; name them LABEL=PATH.")
+    checkpoints, model, model_seed, trained = resolve_checkpoints(cfg)
     prompts = diffusion.load_prompts(cfg.prompts)
     reward_weights = parse_reward_weights(cfg.reward_weights, cfg.rewards)
     if cfg.samples_per_prompt < 1 or cfg.batch_size < 1:
         raise ConfigError("--samples-per-prompt and --batch-size must be >= 1.")
-    configs = [training_config(w) for _, w in checkpoints]
-    model = from_training(cfg.model, configs, "model", "sd15", "--model")
-    random_base = model in ("tiny", "sd15-random")  # the trainers build these from their --seed
-    model_seed = from_training(cfg.model_seed, configs if random_base else [], "seed", 0, "--model-seed")
     settings = dict(
         model=model, model_seed=model_seed, prompts=cfg.prompts, num_prompts=len(prompts),
-        samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed, batch_size=cfg.batch_size,
-        num_steps=from_training(cfg.num_steps, configs, "sample.num_steps", 50, "--num-steps"),
-        eta=from_training(cfg.eta, configs, "sample.eta", 0.0, "--eta"),
-        guidance_scale=from_training(cfg.guidance_scale, configs, "sample.guidance_scale", 7.5, "--guidance-scale"),
+        samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed, batch_size=cfg.batch_size, **trained,
         dtype=cfg.dtype)
     print0("score: " + ", ".join(f"{k} {v}" for k, v in settings.items()))
 
     # ---- models
-    device = common.resolve_device(cfg.device)
-    dtype = common.resolve_dtype(cfg.dtype, device)
-    models = diffusion.load_models(model, device=device, dtype=dtype, seed=model_seed)
-    reward_fns = {name: rewards.make_reward(name, device, dtype, tiny=cfg.reward_tiny, weights=reward_weights.get(name))
-                  for name in cfg.rewards}
-    embedder = rewards.clip_image_embedder(device, dtype, tiny=cfg.reward_tiny, weights=cfg.clip_weights) if cfg.diversity else None
+    models, reward_fns, device, dtype = load_models_and_rewards(cfg, model, model_seed, reward_weights)
+    embedder = rewards.clip_image_embedder(device, dtype, tiny=cfg.reward_tiny, weights=cfg.clip_weights) \
+        if cfg.diversity else None
     os.makedirs(cfg.out, exist_ok=True)
 
     # ---- each checkpoint on the same prompts and seeds
@@ -432,7 +427,7 @@ def score(cfg: ScoreConfig) -> dict:
         print0(f"{label} | {line}" + (f" | diversity {result['diversity']['mean']:.3g}" if "diversity" in result else ""))
 
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(_jsonable(results), f, indent=1)
+        json.dump(jsonable(results), f, indent=1)
     with open(os.path.join(cfg.out, "table.md"), "w") as f:
         f.write(markdown_table(results))
     print0(f"wrote {cfg.out}/results.json, table.md and grid_*.png")
@@ -545,34 +540,18 @@ def sample(cfg: SampleConfig) -> dict:
     seeds = resolve_seeds(cfg.seeds, cfg.first_seed)
     if not cfg.checkpoints:
         raise ConfigError("--checkpoints: give at least one, e.g. --checkpoints base tuned=runs/NAME.")
-    checkpoints = [resolve_checkpoint(s) for s in expand_checkpoints(cfg.checkpoints)]
+    checkpoints, model, model_seed, sampling = resolve_checkpoints(cfg)
     labels = [label for label, _ in checkpoints]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"--checkpoints: labels {labels} repeat; name them LABEL=PATH.")
     reward_weights = parse_reward_weights(cfg.reward_weights, cfg.rewards)
-    configs = [training_config(w) for _, w in checkpoints]
-    model = from_training(cfg.model, configs, "model", "sd15", "--model")
-    random_base = model in ("tiny", "sd15-random")
-    model_seed = from_training(cfg.model_seed, configs if random_base else [], "seed", 0, "--model-seed")
-    settings = dict(
-        model=model, model_seed=model_seed,
-        num_steps=from_training(cfg.num_steps, configs, "sample.num_steps", 50, "--num-steps"),
-        eta=from_training(cfg.eta, configs, "sample.eta", 0.0, "--eta"),
-        guidance_scale=from_training(cfg.guidance_scale, configs, "sample.guidance_scale", 7.5, "--guidance-scale"),
-        dtype=cfg.dtype)
+    settings = dict(model=model, model_seed=model_seed, **sampling, dtype=cfg.dtype)
     print0(f"sample: {len(prompts)} prompts x {len(checkpoints)} checkpoints x {len(seeds)} seeds, "
            + ", ".join(f"{k} {v}" for k, v in settings.items()))
 
     # ---- models
-    device = common.resolve_device(cfg.device)
-    dtype = common.resolve_dtype(cfg.dtype, device)
-    models = diffusion.load_models(model, device=device, dtype=dtype, seed=model_seed)
-    reward_fns = {name: rewards.make_reward(name, device, dtype, tiny=cfg.reward_tiny, weights=reward_weights.get(name))
-                  for name in cfg.rewards}
+    models, reward_fns, _, _ = load_models_and_rewards(cfg, model, model_seed, reward_weights)
     os.makedirs(cfg.out, exist_ok=True)
 
     # ---- one grid per prompt: rows checkpoints, columns seeds
-    sampling = {k: settings[k] for k in ("num_steps", "eta", "guidance_scale")}
     summary = {"settings": settings, "seeds": seeds, "checkpoints": dict(checkpoints), "prompts": []}
     taken = set()
     for prompt in prompts:
@@ -598,232 +577,8 @@ def sample(cfg: SampleConfig) -> dict:
         print0(f"wrote {path}: {prompt.text!r}{means}")
 
     with open(os.path.join(cfg.out, "samples.json"), "w") as f:
-        json.dump(_jsonable(summary), f, indent=1)
+        json.dump(jsonable(summary), f, indent=1)
     print0(f"wrote {os.path.join(cfg.out, 'samples.json')}")
-    return summary
-
-
-# -----------------------------------------------------------------------------
-# compare: reward curves of several runs per group, and sample efficiency against a baseline
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    """Plot reward against reward queries per group of runs (mean and band over seeds) and measure sample efficiency."""
-    # LABEL=RUN[,RUN...] per group; a RUN is a run folder or a glob pattern (quote it: 'runs/ddpo-aes-s*')
-    groups: tuple[str, ...]
-    baseline: str | None = None  # label of the baseline group; default: the last group
-    fraction: float = 0.9  # threshold = r0 + fraction * (r_final - r0) of the baseline's mean curve
-    metric: str = "reward_mean"  # metrics.jsonl key on the y axis (records without it are skipped)
-    smooth: Literal["none", "ema", "ma"] = "none"  # per-run smoothing before averaging and thresholding
-    smooth_window: int = 5  # moving-average window in records; EMA with alpha = 2 / (window + 1)
-    band: Literal["std", "minmax"] = "std"  # band around each group's mean curve: ±std or min..max over runs
-    out: str = "compare.png"  # the plot; the summary goes to the same name with .json
-    title: str = ""
-
-
-def parse_groups(specs: tuple[str, ...]) -> dict[str, list[str]]:
-    """('diffexp=runs/a*,runs/b', ...) -> {'diffexp': [run folders]}; globs expanded to the folders they
-    match (a log file beside the run folders, runs/a-s0.log, is skipped), in sorted order."""
-    groups = {}
-    for spec in specs:
-        label, sep, patterns = spec.partition("=")
-        if not sep or not label or not patterns:
-            raise ConfigError(f"--groups {spec!r}: expected LABEL=RUN[,RUN...] (e.g. 'diffexp=runs/ddpo-s*').")
-        if label in groups:
-            raise ConfigError(f"--groups: label {label!r} appears twice.")
-        runs = []
-        for pattern in patterns.split(","):
-            found = sorted(filter(os.path.isdir, glob.glob(pattern))) if glob.has_magic(pattern) else [pattern]
-            if not found:
-                raise ConfigError(f"--groups {label}: the pattern {pattern!r} matches no run folder.")
-            runs += found
-        groups[label] = runs
-    if not groups:
-        raise ConfigError("--groups: give at least one LABEL=RUN[,RUN...].")
-    return groups
-
-
-def read_curve(run: str, metric: str = "reward_mean") -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (reward_queries, metric) of one run's metrics.jsonl, float64, sorted by queries."""
-    path = os.path.join(run, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise ConfigError(f"--groups: run {run} has no metrics.jsonl ({path} does not exist).")
-    records = [r for r in scaffold.read_metrics(path) if r.get(metric) is not None and "reward_queries" in r]
-    if not records:
-        raise ConfigError(f"--groups: {path} has no records with 'reward_queries' and '{metric}' (--metric).")
-    x = torch.tensor([r["reward_queries"] for r in records], dtype=torch.float64)
-    y = torch.tensor([r[metric] for r in records], dtype=torch.float64)
-    order = torch.argsort(x, stable=True)
-    return x[order], y[order]
-
-
-def smooth_curve(y: torch.Tensor, kind: str, window: int) -> torch.Tensor:
-    """Causal smoothing (a point sees only earlier ones, so crossings are not pulled earlier):
-    'ema' with alpha = 2 / (window + 1) started at y[0], 'ma' the mean of the last `window` points."""
-    if kind == "none" or window <= 1:
-        return y
-    out = torch.empty_like(y)
-    if kind == "ema":
-        alpha, s = 2 / (window + 1), y[0]
-        for k, v in enumerate(y):
-            s = s + alpha * (v - s) if k else v
-            out[k] = s
-    else:
-        for k in range(len(y)):
-            out[k] = y[max(0, k - window + 1): k + 1].mean()
-    return out
-
-
-def interp(x_new: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear interpolation of (x, y) at x_new, which lies within [x[0], x[-1]]."""
-    if len(x) == 1:
-        return y.expand(len(x_new)).clone()
-    k = torch.searchsorted(x, x_new, right=True).clamp(1, len(x) - 1)
-    x0, x1, y0, y1 = x[k - 1], x[k], y[k - 1], y[k]
-    w = torch.where(x1 > x0, (x_new - x0) / (x1 - x0), torch.zeros_like(x_new))
-    return y0 + w.clamp(0, 1) * (y1 - y0)
-
-
-def queries_to_reach(x: torch.Tensor, y: torch.Tensor, threshold: float) -> float | None:
-    """The first reward-query count at which the curve reaches `threshold`, linearly interpolated between
-    the two records around the crossing; None when it never does."""
-    above = (y >= threshold).nonzero()
-    if len(above) == 0:
-        return None
-    k = above[0].item()
-    if k == 0:
-        return x[0].item()
-    x0, x1, y0, y1 = x[k - 1].item(), x[k].item(), y[k - 1].item(), y[k].item()
-    return x0 + (threshold - y0) / (y1 - y0) * (x1 - x0)
-
-
-def group_curves(runs: list[str], metric: str, smooth: str, window: int) -> dict:
-    """Each run's (smoothed) curve, and their mean / std / min / max on a common query grid: the union of
-    the runs' query counts within the range that every run covers (no extrapolation)."""
-    curves = [read_curve(run, metric) for run in runs]
-    curves = [(x, y, smooth_curve(y, smooth, window)) for x, y in curves]
-    lo, hi = max(x[0] for x, _, _ in curves), min(x[-1] for x, _, _ in curves)
-    if lo > hi:
-        raise ConfigError(f"--groups: the runs {runs} share no range of reward queries; they cannot be averaged.")
-    grid = torch.unique(torch.cat([x for x, _, _ in curves]))
-    grid = grid[(grid >= lo) & (grid <= hi)]
-    ys = torch.stack([interp(grid, x, s) for x, _, s in curves])  # (runs, grid)
-    finals = torch.tensor([y[-1].item() for _, y, _ in curves], dtype=torch.float64)  # raw last records
-    return dict(runs=runs, curves=curves, grid=grid, mean=ys.mean(0),
-                std=ys.std(0) if len(runs) > 1 else torch.zeros_like(grid), min=ys.min(0).values, max=ys.max(0).values,
-                first=sum(y[0].item() for _, y, _ in curves) / len(curves),
-                final_mean=finals.mean().item(), final_std=finals.std().item() if len(runs) > 1 else 0.0)
-
-
-def bootstrap_ratio(a: list[float], b: list[float], n: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
-    """mean(a) / mean(b) and its 95% percentile-bootstrap interval: both samples resampled with replacement,
-    independently (the runs of two arms are independent), n times."""
-    a_t, b_t = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    ia, ib = torch.randint(len(a), (n, len(a)), generator=g), torch.randint(len(b), (n, len(b)), generator=g)
-    ratios = a_t[ia].mean(1) / b_t[ib].mean(1)
-    lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return (a_t.mean() / b_t.mean()).item(), lo, hi
-
-
-def sample_efficiency(groups: dict[str, dict], baseline: str, fraction: float) -> dict:
-    """Reward queries each group needs to reach threshold = r0 + fraction * (r_final - r0), where r0 is the
-    baseline's first-record reward (mean over its runs) and r_final the last point of the baseline's mean
-    curve. Measuring the improvement over r0, not a fraction of r_final itself, keeps the definition
-    meaningful for negative rewards (JPEG compressibility) and for offsets (aesthetic starts near 5).
-    Queries are read off each group's mean curve (speedup = baseline queries / group queries) and off each
-    run's own curve. Per run, a run that never reaches the threshold counts at its last record's queries
-    (a lower bound: it needs at least that many; counted in `not_reached`). `speedup_per_run` = mean over
-    the baseline's runs / mean over the group's runs, with a bootstrap 95% interval over runs (seeds).
-    Undefined (None) when the baseline did not improve."""
-    base = groups[baseline]
-    r0, r_final = base["first"], base["mean"][-1].item()
-    threshold = r0 + fraction * (r_final - r0) if r_final > r0 else None
-    base_q = queries_to_reach(base["grid"], base["mean"], threshold) if threshold is not None else None
-    summary = {"baseline": baseline, "fraction": fraction, "r0": r0, "r_final": r_final, "threshold": threshold, "groups": {}}
-
-    def per_run(g):  # (queries per run, censored at the budget; how many never reached the threshold)
-        qs = [queries_to_reach(x, s, threshold) for x, _, s in g["curves"]]
-        return [q if q is not None else x[-1].item() for q, (x, _, _) in zip(qs, g["curves"])], qs.count(None)
-    base_runs = per_run(base)[0] if threshold is not None else None
-    for label, g in groups.items():
-        q = queries_to_reach(g["grid"], g["mean"], threshold) if threshold is not None else None
-        runs_q, missed = per_run(g) if threshold is not None else (None, None)
-        ratio = bootstrap_ratio(base_runs, runs_q) if threshold is not None and min(runs_q) > 0 else None
-        summary["groups"][label] = {
-            "runs": g["runs"], "final_mean": g["final_mean"], "final_std": g["final_std"],
-            "queries_to_threshold": q, "queries_to_threshold_per_run": runs_q, "not_reached": missed,
-            "speedup": base_q / q if q and base_q else None,
-            "speedup_per_run": ratio[0] if ratio else None, "speedup_ci95": list(ratio[1:]) if ratio else None}
-    return summary
-
-
-def plot_groups(groups: dict[str, dict], summary: dict, cfg: CompareConfig, ylabel: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    for label, g in groups.items():
-        lo, hi = (g["mean"] - g["std"], g["mean"] + g["std"]) if cfg.band == "std" else (g["min"], g["max"])
-        line, = ax.plot(g["grid"], g["mean"], label=f"{label} ({len(g['runs'])} run{'s' * (len(g['runs']) > 1)})")
-        ax.fill_between(g["grid"], lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-        q = summary["groups"][label]["queries_to_threshold"]
-        if q is not None:
-            ax.plot([q], [summary["threshold"]], "o", color=line.get_color(), ms=5)
-    if summary["threshold"] is not None:
-        ax.axhline(summary["threshold"], color="gray", ls="--", lw=0.8,
-                   label=f"{cfg.fraction:g} of {summary['baseline']}'s improvement")
-    ax.set_xlabel("reward queries (generated training samples)")
-    ax.set_ylabel(ylabel + (f" ({cfg.smooth}, window {cfg.smooth_window})" if cfg.smooth != "none" else ""))
-    ax.set_title(cfg.title or f"mean over runs, band: {'±std' if cfg.band == 'std' else 'min-max'}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(cfg.out)
-    plt.close(fig)
-
-
-def compare(cfg: CompareConfig) -> dict:
-    runs = parse_groups(cfg.groups)
-    baseline = cfg.baseline or list(runs)[-1]
-    if baseline not in runs:
-        raise ConfigError(f"--baseline {baseline}: not one of the group labels {list(runs)}.")
-    if not 0 < cfg.fraction <= 1:
-        raise ConfigError(f"--fraction {cfg.fraction}: must lie in (0, 1].")
-    groups = {label: group_curves(r, cfg.metric, cfg.smooth, cfg.smooth_window) for label, r in runs.items()}
-    summary = sample_efficiency(groups, baseline, cfg.fraction)
-    summary.update(metric=cfg.metric, smooth=cfg.smooth, smooth_window=cfg.smooth_window)
-
-    # the reward's name for the y axis, when all runs were trained on the same one
-    names = set()
-    for run in sum(runs.values(), []):
-        if os.path.isfile(path := os.path.join(run, "config.json")):
-            with open(path) as f:
-                names.add(_get(json.load(f), "reward.name"))
-    ylabel = f"{cfg.metric} ({names.pop()})" if len(names) == 1 and None not in names else cfg.metric
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    plot_groups(groups, summary, cfg, ylabel)
-    with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-        json.dump(_jsonable(summary), f, indent=1)
-
-    smoothing = f", curves smoothed ({cfg.smooth}, window {cfg.smooth_window})" if cfg.smooth != "none" else ""
-    if summary["threshold"] is None:
-        print0(f"baseline {baseline} did not improve on its first record ({summary['r0']:.4g} -> "
-               f"{summary['r_final']:.4g}): queries-to-threshold is undefined.")
-    else:
-        print0(f"threshold {summary['threshold']:.4g} = r0 {summary['r0']:.4g} + {cfg.fraction:g} x (r_final "
-               f"{summary['r_final']:.4g} - r0), from baseline {baseline}{smoothing}")
-    print0(f"{'group':<16} {'runs':>4}  {'final ' + cfg.metric:<24} {'queries to threshold':>20} {'speedup':>8}  "
-           f"{'per run: mean queries (not reached)':>36} {'speedup, 95% CI over runs':>28}")
-    for label, s in summary["groups"].items():
-        q = "not reached" if s["queries_to_threshold"] is None else f"{s['queries_to_threshold']:.0f}"
-        speed = "-" if s["speedup"] is None else f"{s['speedup']:.2f}x"
-        runs_q = s["queries_to_threshold_per_run"]
-        per_run = "-" if runs_q is None else f"{sum(runs_q) / len(runs_q):.0f} ({s['not_reached']})"
-        ci = "-" if s["speedup_per_run"] is None else f"{s['speedup_per_run']:.2f}x [{s['speedup_ci95'][0]:.2f}, {s['speedup_ci95'][1]:.2f}]"
-        print0(f"{label:<16} {len(s['runs']):>4}  {s['final_mean']:<.4g} ± {s['final_std']:<15.3g} {q:>20} {speed:>8}  {per_run:>36} {ci:>28}")
-    print0(f"wrote {cfg.out} and {os.path.splitext(cfg.out)[0]}.json")
     return summary
 
 
@@ -832,13 +587,13 @@ def compare(cfg: CompareConfig) -> dict:
 
 
 def cli(args=None):
-    commands = {"score": ScoreConfig, "sample": SampleConfig, "compare": CompareConfig}
+    commands = {"score": ScoreConfig, "sample": SampleConfig}
     return tyro.extras.subcommand_cli_from_dict(commands, args=args, description=__doc__.split("\n\n")[0].strip())
 
 
 def main(args=None, cfg=None):
     cfg = cfg or cli(args)
-    return {ScoreConfig: score, SampleConfig: sample, CompareConfig: compare}[type(cfg)](cfg)
+    return {ScoreConfig: score, SampleConfig: sample}[type(cfg)](cfg)
 
 
 if __name__ == "__main__":

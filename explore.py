@@ -18,7 +18,6 @@ import torch
 import tyro
 
 from common import ConfigError
-from diffusion import PROMPT_LENGTH
 
 
 @dataclass(frozen=True)
@@ -65,17 +64,19 @@ def guidance_scales(timesteps: torch.Tensor, batch_size: int, w_high: float, cfg
     return w.expand(batch_size, -1).clone()  # (B, T)
 
 
-def weight_prompts(hidden: torch.Tensor, positions: list[list[list[int]]], cfg: ExploreConfig, generator: torch.Generator):
+def weight_prompts(hidden: torch.Tensor, positions: list[list[list[int]]], cfg: ExploreConfig, generator: torch.Generator,
+                   tokens: int | None = None):
     """Random prompt weighting of the CONDITIONAL embeddings (the unconditional one is never weighted).
-    hidden (B, 77, D); positions[b][k] = token positions of phrase k of prompt b.
+    hidden (B, 77, D); positions[b][k] = token positions of phrase k of prompt b; tokens: how many of hidden's
+    rows are token states (the text encoder's context length, 77 for CLIP; None: all of them).
     Picks one phrase per sample uniformly, draws w ~ U(weight_low, weight_high), multiplies the hidden
     states at that phrase's positions by w, then (if cfg.rescale) rescales the sample's whole (77, D)
     embedding so its mean equals the unweighted mean.
-    SDXL: hidden is (B, 78, D), both encoders' token states side by side on D, so both are weighted at
-    the same positions; row 77 packs the pooled embedding (diffusion.pack_sdxl), which is no token: it
-    is neither weighted nor part of the rescale, and is returned unchanged.
+    SDXL: hidden is (B, 78, D) with tokens = 77, both encoders' token states side by side on D, so both are
+    weighted at the same positions; row 77 packs the pooled embedding (diffusion.pack_sdxl), which is no
+    token: it is neither weighted nor part of the rescale, and is returned unchanged.
     Returns the weighted hidden states (B, 77 or 78, D), the chosen phrase index (B,) and the weights (B,)."""
-    hidden, extra = hidden[:, :PROMPT_LENGTH], hidden[:, PROMPT_LENGTH:]
+    hidden, extra = hidden[:, :tokens], hidden[:, hidden.shape[1] if tokens is None else tokens:]
     B = hidden.shape[0]
     n_phrases = torch.tensor([len(p) for p in positions])
     phrase = (torch.rand(B, generator=generator) * n_phrases).long()  # uniform over each prompt's phrases
@@ -94,12 +95,12 @@ def weight_prompts(hidden: torch.Tensor, positions: list[list[list[int]]], cfg: 
     return torch.cat([out, extra], dim=1), phrase, weights
 
 
-def explore_batch(cfg: ExploreConfig, cond, positions, timesteps, w_high: float, progress: float, generator):
-    """Both strategies for one sampling batch at training progress in [0, 1].
-    -> conditional embeddings to sample with (B, 77 or 78, D), guidance scales (B, T), phrase weights (B,)
-    (ones where prompt weighting is off). The trainers store the first two with each sample."""
+def explore_batch(cfg: ExploreConfig, cond, positions, timesteps, w_high: float, progress: float, generator,
+                  tokens: int | None = None):
+    """Both strategies for one sampling batch at training progress in [0, 1] (tokens: as weight_prompts).
+    -> conditional embeddings to sample with (B, 77 or 78, D), guidance scales (B, T): what the trainers
+    sample with and DDPO stores with each sample."""
     schedule_on, weighting_on = active(cfg, progress)
-    weights = torch.ones(cond.shape[0])
     if weighting_on:
-        cond, _, weights = weight_prompts(cond, positions, cfg, generator)
-    return cond, guidance_scales(timesteps, cond.shape[0], w_high, cfg, schedule_on), weights
+        cond = weight_prompts(cond, positions, cfg, generator, tokens)[0]
+    return cond, guidance_scales(timesteps, cond.shape[0], w_high, cfg, schedule_on)

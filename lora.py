@@ -5,14 +5,20 @@ Hand-written LoRA (Hu et al. 2021): y = W x + (alpha / r) * B A x, W frozen, A a
     save(unet, "run/checkpoint")             # pytorch_lora_weights.safetensors, diffusers-loadable
     load(unet, "run/checkpoint")             # exact round trip
     merge(unet)                              # fold B A into W for export
+    remove(unet)                             # undo inject: the original nn.Linear modules back
+    read_settings("run/checkpoint")          # a file's rank, alpha and targets, as inject takes them
+    with applied(unet, "run/checkpoint"):    # inject as the file says, load; remove on exit
+        ...
 
 The file uses the key names and metadata diffusers reads, so
 `StableDiffusionPipeline.load_lora_weights(folder)` (which needs peft installed) loads it too.
 """
 
+import contextlib
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -48,6 +54,7 @@ class LoRALinear(nn.Module):
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """{module name: LoRALinear} of every wrapped layer, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
@@ -127,3 +134,61 @@ def merge(model: nn.Module) -> None:
             delta = (m.lora_B.weight.float() @ m.lora_A.weight.float()) * m.scale  # (out, in)
             m.base.weight += delta.to(m.base.weight.dtype)
             m.merged = True
+
+
+def remove(model: nn.Module) -> None:
+    """Undoes inject: every LoRALinear is replaced by the nn.Linear it wraps (the very module object, its
+    weights untouched), so the model is the one inject was given. A merged layer's W already holds B A, so a
+    model with merged layers is refused (ValueError) before anything changes."""
+    layers = lora_layers(model)
+    merged = [name for name, m in layers.items() if m.merged]
+    if merged:
+        raise ValueError(f"cannot remove LoRA from merged layers ({merged[0]}, ...): their weights hold B A.")
+    for name, m in layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, m.base)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What inject needs to rebuild the layers of a LoRA file: rank, alpha and the target name suffixes."""
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+
+def read_settings(path: str, prefix: str = "unet") -> Settings:
+    """The settings of a file written by `save` (a folder or the .safetensors path), from its header only:
+    the rank from lora_A's shape (r, in), alpha from the metadata (the rank when a file has none), and the
+    targets as the wrapped modules' name suffixes (the last name part, two when it is an index: to_out.0).
+    A suffix may match more modules than the file holds; `load` then fails, naming the file. Fails naming
+    the file on a missing, unreadable or LoRA-less file."""
+    path = os.path.join(path, WEIGHT_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRA weights {path} do not exist.")
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = [k for k in f.keys() if k.startswith(prefix + ".") and k.endswith(".lora_A.weight")]
+            metadata = f.metadata() or {}
+            rank = f.get_slice(keys[0]).get_shape()[0] if keys else None  # lora_A is (rank, in_features)
+    except Exception as e:
+        raise RuntimeError(f"LoRA weights {path} are unreadable (truncated or corrupt?): {e}") from e
+    if not keys:
+        raise ValueError(f"LoRA weights {path} hold no LoRA tensors ({prefix}.*.lora_A.weight).")
+    alpha = json.loads(metadata.get("lora_adapter_metadata", "{}")).get(f"{prefix}.lora_alpha", rank)
+    modules = [k[len(prefix) + 1: -len(".lora_A.weight")].split(".") for k in keys]
+    targets = sorted({".".join(m[-2:]) if m[-1].isdigit() else m[-1] for m in modules})
+    return Settings(rank, float(alpha), tuple(targets))
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, path: str, prefix: str = "unet"):
+    """Injects LoRA layers shaped as the file says (read_settings), loads the file into them and yields the
+    model; on exit, error or not, removes them again (remove), so one base model serves many files."""
+    settings = read_settings(path, prefix)
+    inject(model, settings.targets, settings.rank, settings.alpha)
+    try:
+        load(model, path, prefix)
+        yield model
+    finally:
+        remove(model)

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import common
 from common import ConfigError
 from toy import TOY_DIFFERENTIABLE, TOY_REWARDS
 
@@ -69,17 +70,6 @@ def clip_preprocess(images: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor
 # Loading weights: local path, hub cache, hub; a clear error when offline
 
 
-def _hub_reachable() -> bool:
-    """One quick request to the hub. huggingface_hub retries a failed download for ~20 s per file, so
-    we ask first; its session honours HF_HUB_OFFLINE, HF_ENDPOINT and proxy settings."""
-    from huggingface_hub import constants, get_session
-    try:
-        get_session().head(constants.ENDPOINT, timeout=5)
-        return True
-    except Exception:
-        return False
-
-
 def _weights_error(source: str, what: str, reason: str) -> ConfigError:
     return ConfigError(
         f"could not load the {what} from {source}: {reason}. Pass a local copy with --reward.weights PATH "
@@ -98,7 +88,7 @@ def _fetch(load: Callable[[bool], object], source: str, what: str):
         return load(True)  # already in the Hugging Face cache: no network needed
     except Exception:
         pass
-    if not _hub_reachable():
+    if not common.hub_reachable():
         raise _weights_error(source, what, "it is not in the local Hugging Face cache and the machine appears "
                                            "to be offline (the hub is unreachable or HF_HUB_OFFLINE is set)")
     try:
@@ -393,9 +383,10 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "hpsv2": hpsv2,
 }
 # The trainers' config field: tyro rejects a misspelt name at parse time.
-REWARDS.update(TOY_REWARDS)  # the toy world's rewards (toy.py): alignment, classifier, aesthetic
+REWARDS.update(TOY_REWARDS)  # the toy world's rewards (toy.py): alignment, classifier, aesthetic, the sparsity dial
 RewardName = Literal["jpeg-compressibility", "jpeg-incompressibility", "brightness", "contrast",
-                     "aesthetic", "pickscore", "hpsv2", "toy-alignment", "toy-classifier", "toy-aesthetic"]
+                     "aesthetic", "pickscore", "hpsv2", "toy-alignment", "toy-classifier", "toy-aesthetic",
+                     "toy-dial-dense", "toy-dial-medium", "toy-dial-sparse", "toy-dial-success"]
 assert set(get_args(RewardName)) == set(REWARDS), "RewardName must list exactly the keys of REWARDS"
 DIFFERENTIABLE = frozenset({"brightness", "contrast", "aesthetic", "pickscore", "hpsv2"}) | TOY_DIFFERENTIABLE  # w.r.t. the images
 assert DIFFERENTIABLE <= set(REWARDS)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+import common
 import lora
 import plots
 from common import ConfigError, print0
@@ -51,10 +52,14 @@ class LogConfig:
     tensorboard: bool = False  # also write TensorBoard event files to RUN_DIR/tensorboard (pip install tensorboard)
 
 
+# -----------------------------------------------------------------------------
+# Start-up checks: every flag both trainers share gets its one-line error before any work starts
 
 def check_shared(cfg) -> None:
-    """Fails at start-up, naming the flag, on settings both trainers share (each checks its own after this)."""
+    """Fails at start-up, naming the flag, on settings both trainers share (each checks its own after this):
+    the training settings, LoRA, evaluation, logging, and the run folder."""
     checks = [
+        (cfg.threads >= 0, f"--threads {cfg.threads}: the number of CPU threads, >= 1 (0: automatic)."),
         (cfg.num_epochs >= 1, f"--num-epochs {cfg.num_epochs}: a run needs at least one epoch."),
         (cfg.sample.num_steps >= 1, f"--sample.num-steps {cfg.sample.num_steps}: a trajectory needs at least one DDIM step."),
         (cfg.sample.guidance_scale >= 0, f"--sample.guidance-scale {cfg.sample.guidance_scale}: must be >= 0 "
@@ -64,10 +69,36 @@ def check_shared(cfg) -> None:
         (cfg.lora.rank >= 1, f"--lora.rank {cfg.lora.rank}: must be >= 1."),
         (cfg.lora.alpha > 0, f"--lora.alpha {cfg.lora.alpha}: must be > 0 (the LoRA scale is alpha / rank)."),
         (len(cfg.lora.targets) > 0, "--lora.targets: give at least one nn.Linear name suffix, e.g. to_q to_k to_v to_out.0."),
+        (cfg.eval.every >= 0, f"--eval.every {cfg.eval.every}: epochs between evaluations, >= 0 (0: never)."),
+        (cfg.eval.samples_per_prompt >= 1, f"--eval.samples-per-prompt {cfg.eval.samples_per_prompt}: must be >= 1."),
+        (cfg.eval.batch_size >= 1, f"--eval.batch-size {cfg.eval.batch_size}: must be >= 1."),
+        (cfg.eval.every == 0 or cfg.eval.plain or bool(cfg.eval.prompts),
+         "--eval.no-plain with an empty --eval.prompts leaves nothing to evaluate; set --eval.every 0 instead."),
+        (cfg.log.grid_every >= 0, f"--log.grid-every {cfg.log.grid_every}: epochs between grids, >= 0 (0: the last epoch only)."),
+        (cfg.log.save_every >= 0, f"--log.save-every {cfg.log.save_every}: epochs between checkpoints, >= 0 (0: the last "
+                                  "epoch only)."),
+        (cfg.log.keep_checkpoints >= 1, f"--log.keep-checkpoints {cfg.log.keep_checkpoints}: keep at least 1 (resuming "
+                                        "needs one)."),
+        (cfg.log.grid_size >= 1, f"--log.grid-size {cfg.log.grid_size}: must be >= 1."),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def check_run_dir(run_dir: str, resume: str) -> None:
+    """The run folder must be a folder this process can create or write, and a fresh start (no --resume) must
+    not start over in a folder that already holds a run's metrics or checkpoints: that would erase them."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"--run-dir {run_dir}: is a file, not a folder.")
+    parent = run_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--run-dir {run_dir}: {parent} is not writable; choose another folder.")
+    if not resume and (latest_checkpoint(run_dir) or os.path.exists(os.path.join(run_dir, "metrics.jsonl"))):
+        raise ConfigError(f"--run-dir {run_dir}: already holds a run (metrics.jsonl or checkpoints); continue it with "
+                          "--resume auto, or choose another folder.")
 
 
 def run_cli(main, parse):
@@ -98,15 +129,15 @@ def to_jsonable(obj):
     return obj
 
 
-def start_run(cfg) -> str:
-    """Creates the run folder (see resolve_run_dir), stores and prints the config. -> run folder."""
-    run_dir = resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name)
+def write_config(cfg, run_dir: str) -> None:
+    """Creates the run folder and stores the config in it (atomically), then prints both."""
     os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
+    path = os.path.join(run_dir, "config.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(to_jsonable(cfg), f, indent=2)
+    os.replace(path + ".tmp", path)
     print0(json.dumps(to_jsonable(cfg), indent=1))
     print0(f"run folder: {run_dir}")
-    return run_dir
 
 
 def resolve_run_dir(run_dir: str, resume: str, name: str) -> str:
@@ -313,10 +344,11 @@ def load_checkpoint(path: str, unet) -> dict:
     if ckpt is None:
         raise ConfigError(f"--resume {path}: no checkpoint there (expected a checkpoint folder with "
                           "state.pt, or a run folder with checkpoints/).")
+    delete = f"Delete {ckpt} to resume from the checkpoint before it."
     try:
         lora.load(unet, ckpt)
     except (OSError, RuntimeError) as e:
-        raise ConfigError(f"--resume {path}: {e}") from e
+        raise ConfigError(f"--resume {path}: {str(e).rstrip('.')}. {delete}") from e
     file = os.path.join(ckpt, "state.pt")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
@@ -325,8 +357,8 @@ def load_checkpoint(path: str, unet) -> dict:
                           "lists and dicts, which could run code when unpickled; the trainers never write such "
                           f"files. ({str(e).splitlines()[0]})") from e
     except Exception as e:
-        raise ConfigError(f"--resume: checkpoint file {file} is unreadable (truncated or corrupt?): {e}. "
-                          "Delete that folder to resume from the one before.") from e
+        raise ConfigError(f"--resume: checkpoint file {file} is unreadable (truncated or corrupt?): "
+                          f"{str(e).rstrip('.')}. {delete}") from e
     state["path"] = ckpt
     return state
 
@@ -387,6 +419,78 @@ def run_guarded(train, cfg):
     finally:
         signal.signal(signal.SIGTERM, previous)
 
+
+# -----------------------------------------------------------------------------
+# The run as both trainers drive it, so that its order cannot drift between them:
+#
+#     run = scaffold.Run(cfg, run_dir, rank, world, start_epoch, reward_queries, ...)  # after start-up
+#     for epoch in range(start_epoch, cfg.num_epochs):
+#         ...                                                                          # the method
+#         run.end_epoch(epoch, record, details, seconds, images, labels)              # every process
+#     run.close()                                                                      # every process
+
+class Run:
+    """Opened only once start-up has succeeded (flags checked, models, rewards, prompts and the checkpoint to
+    resume loaded), so a run that fails at start-up leaves no folder and a failed --resume changes nothing on
+    disk. Opening writes config.json, starts the trackers (with the evaluation before training of a fresh
+    run) and arms the clean stop; process 0 does the writing, every process calls every method."""
+
+    def __init__(self, cfg, run_dir: str, rank: int, world: int, start_epoch: int, reward_queries: int,
+                 unet, params, guard: "LastGoodState", training_state, policy_scores):
+        self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
+        self.unet, self.guard, self.training_state, self.policy_scores = unet, guard, training_state, policy_scores
+        if rank == 0:
+            write_config(cfg, run_dir)
+        self.tracker = start_tracking(cfg, run_dir, rank, start_epoch, reward_queries, policy_scores)
+        guard.arm(run_dir, unet, params, rank)
+        guard.update(start_epoch, training_state(start_epoch))  # what a stop before the first epoch ends saves
+
+    def end_epoch(self, epoch: int, record: dict, details: str, seconds: float, images, labels: list[str]):
+        """Process 0: evaluates the plain policy when due, draws the grid of `images` (the epoch's first samples)
+        when due, logs the record, prints the epoch line, redraws rewards.png and writes a checkpoint when due.
+        The guard's last good state moves past this epoch as soon as it is logged."""
+        if self.rank != 0:
+            return
+        cfg, last = self.cfg, epoch == self.cfg.num_epochs - 1
+        if cfg.eval.every > 0 and common.every(cfg.eval.every, epoch + 1, last):
+            record.update(self.policy_scores())
+        grid, mode = None, "explore" if record["exploring"] else "plain"
+        if common.every(cfg.log.grid_every, epoch + 1, last):
+            grid = os.path.join(self.run_dir, "samples", f"epoch_{epoch:04d}.png")
+            title = f"{cfg.name}, epoch {epoch}: training samples ({'exploring' if mode == 'explore' else 'plain'})"
+            plots.save_grid(images, grid, labels=labels, title=title)
+        self.tracker.log(record, image=grid, caption=f"epoch {epoch} ({mode})")
+        state = self.training_state(epoch + 1)
+        self.guard.update(epoch + 1, state)  # this epoch is done: a stop from here on keeps it
+        print0(f"epoch {epoch} | reward {record['reward_mean']:.4g}±{record['reward_std']:.3g} | {details} | {mode} | "
+               f"{seconds:.1f} s" + eval_line(record))
+        plots.plot_rewards(self.tracker.records, os.path.join(self.run_dir, "rewards.png"),
+                           title=f"{cfg.name}: {cfg.reward.name}")
+        if common.every(cfg.log.save_every, epoch + 1, last):
+            save_checkpoint(self.run_dir, epoch + 1, self.unet, state, {"config": cfg, "epoch": epoch + 1, **record})
+            prune_checkpoints(self.run_dir, cfg.log.keep_checkpoints)
+
+    def close(self):
+        """The barrier first: no process returns before process 0 has written the last checkpoint (a job that
+        reads it next, or a scheduler that sees the job end, finds it complete). The trackers close after it:
+        closing W&B can take long or fail, and neither should hold (or hang) the other processes."""
+        common.barrier(self.world)
+        if self.tracker:
+            self.tracker.close()
+
+
+def score(reward_fn, batches: list, prompts: list[list[str]], name: str, path: str) -> list:
+    """reward_fn(images, prompts) of each batch of images. When the reward model fails, every batch given is
+    saved to `path` (the samples are worth looking at) and the error names the batch and the file."""
+    out = []
+    for n, (images, texts) in enumerate(zip(batches, prompts)):
+        try:
+            out.append(reward_fn(images, texts))
+        except Exception as e:
+            torch.save({"images": torch.cat([b.detach() for b in batches]).cpu(), "prompts": sum(prompts, [])}, path)
+            raise RuntimeError(f"the reward model ({name}) failed on batch {n} of {len(batches)}: {e}. "
+                               f"The samples are saved in {path}.") from e
+    return out
 
 
 def eval_line(record: dict) -> str:

@@ -21,6 +21,7 @@ gradient, and the decode, run under gradient checkpointing (--no-checkpointing t
 """
 
 import dataclasses
+import functools
 import os
 import resource
 import time
@@ -32,14 +33,13 @@ import tyro
 from tqdm import tqdm
 
 import common
-import scaffold
-import plots
 import diffusion
 import evaluate
 import explore
 import lora
+import plots
 import rewards
-import toy
+import scaffold
 from common import ConfigError, print0
 from evaluate import EvalConfig
 from explore import ExploreConfig
@@ -78,7 +78,9 @@ class Config:
     num_epochs: int = 100  # planned optimizer steps (exploration runs for the first explore_until of them)
     seed: int = 0
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # frozen weights and autocast (auto: bfloat16 on a GPU, float32 on a CPU); LoRA stays float32
+    # frozen weights and autocast (auto: bfloat16 on a GPU, float32 on a CPU); LoRA and optimizer state stay float32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int = 0  # CPU threads of torch (0: the cores this process may use, shared among torchrun's processes)
     compile: bool = False  # torch.compile the UNet (checkpoints are always saved from the uncompiled module)
     run_dir: str = ""  # default: runs/{name}-{date}
     resume: str = ""  # a run folder (its newest checkpoint) or a checkpoint folder
@@ -98,19 +100,20 @@ class Config:
 
 BASE = Config()
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy")  # shipped with the repo
+TOY_T_THRES = 570  # the paper's t_thres 800 mapped to the toy model's schedule by noise level (tested)
 # The toy world (docs/toy-world.md): 10 DDIM steps (the alignment of 20 within 0.01, eta 0), gradients through
 # all of them (in pixel space size, position and background are settled at the noisy steps, which K = 1
 # cannot reach) without gradient checkpointing (the toy's activations are small; 30% faster), lr 5e-3
-# (3e-3 learned half as far in the budget, 1e-2 faster but fell back once; experiments.md, section 6), CFG 5, DiffExp's t_thres mapped to this schedule by noise level (toy.T_THRES = 570, the
+# (3e-3 learned half as far in the budget, 1e-2 faster but fell back once; experiments.md, section 6), CFG 5, DiffExp's t_thres mapped to this schedule by noise level (TOY_T_THRES, the
 # paper's 800), and the plain policy evaluated every 4 steps on fixed seeds (training and held-out prompts).
 # The random tiny CLIP behind the diversity metric means nothing here, so it is off.
 TOY = dataclasses.replace(
     BASE, name="alignprop-toy", model=TOY_MODEL, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_train.txt"), num_epochs=20,
     k=10, checkpointing=False, sample=SampleConfig(num_steps=10, guidance_scale=5.0), train=TrainConfig(batch_size=8, total_batch=16, lr=5e-3),
-    explore=ExploreConfig(t_thres=toy.T_THRES), reward=RewardConfig(name="toy-aesthetic"), log=LogConfig(grid_every=5, save_every=5),
+    explore=ExploreConfig(t_thres=TOY_T_THRES), reward=RewardConfig(name="toy-aesthetic"), log=LogConfig(grid_every=5, save_every=5),
     eval=EvalConfig(every=4, samples_per_prompt=2, diversity=False, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_heldout.txt")))
 PRESETS = {
-    "tiny": ("Offline tiny random model, a differentiable model-free reward, a few steps on a CPU.", dataclasses.replace(
+    "tiny": ("Offline tiny random model, the differentiable model-free brightness reward, a few steps on a CPU.", dataclasses.replace(
         BASE, name="alignprop-tiny", model="tiny", num_epochs=12, k=2,
         sample=SampleConfig(num_steps=10), train=TrainConfig(batch_size=4, total_batch=8, lr=1e-2),
         reward=RewardConfig(name="brightness"), log=LogConfig(grid_every=4, save_every=4), eval=EvalConfig(clip_tiny=True))),
@@ -154,32 +157,43 @@ def peak_memory_mb(device: str) -> float:
 # -----------------------------------------------------------------------------
 
 
-def main(cfg: Config):
-    return scaffold.run_guarded(train, cfg)
+def main(cfg: Config, load_models=diffusion.load_models):
+    """Trains with cfg. load_models: how the models are loaded (bench_gpu.py passes one that draws random
+    full-size weights on the GPU)."""
+    return scaffold.run_guarded(functools.partial(train, load_models=load_models), cfg)
 
 
-def train(cfg: Config, guard: scaffold.LastGoodState):
-    # ---- checks and set-up
-    scaffold.check_shared(cfg)
-    explore.validate(cfg.explore, cfg.sample.guidance_scale)
-    T = cfg.sample.num_steps
+def check(cfg: Config, world: int) -> tuple[tuple[int, int], int]:
+    """AlignProp's own flags, after the shared ones. -> (the range of K, micro-batches per optimizer step over
+    all processes)."""
     if cfg.reward.name not in rewards.DIFFERENTIABLE:
         raise ConfigError(f"--reward.name {cfg.reward.name}: AlignProp needs a differentiable reward "
-                         f"({', '.join(sorted(rewards.DIFFERENTIABLE))}); use train_ddpo.py for this one.")
+                          f"({', '.join(sorted(rewards.DIFFERENTIABLE))}); use train_ddpo.py for this one.")
     ks = (cfg.k, cfg.k) if cfg.truncation == "fixed" else (cfg.k_min, cfg.k_max)
-    if not 1 <= ks[0] <= ks[1] <= T:
-        raise ConfigError(f"truncation: need 1 <= K <= --sample.num-steps {T}; got --k {cfg.k} "
-                         f"(or --k-min {cfg.k_min} / --k-max {cfg.k_max}).")
-    rank, world, device = common.init_distributed(cfg.device)
-    dtype = common.resolve_dtype(cfg.dtype, device)
-    grad_accum, rem = divmod(cfg.train.total_batch, cfg.train.batch_size)  # micro-batches per step, over all processes
-    if rem or grad_accum < 1 or grad_accum % world:
+    if not 1 <= ks[0] <= ks[1] <= cfg.sample.num_steps:
+        raise ConfigError(f"truncation: need 1 <= K <= --sample.num-steps {cfg.sample.num_steps}; got --k {cfg.k} "
+                          f"(or --k-min {cfg.k_min} / --k-max {cfg.k_max}).")
+    grad_accum, rem = divmod(cfg.train.total_batch, max(1, cfg.train.batch_size))
+    if cfg.train.batch_size < 1 or rem or grad_accum < 1 or grad_accum % world:
         raise ConfigError(f"--train.total-batch {cfg.train.total_batch} must be a multiple of --train.batch-size "
-                         f"{cfg.train.batch_size} x the number of processes ({world}).")
-    run_dir = scaffold.start_run(cfg) if rank == 0 else scaffold.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name)
-    resume = scaffold.resume_from(cfg.resume, run_dir)  # --resume auto: the newest checkpoint in run_dir, if any
+                          f"{cfg.train.batch_size} (>= 1) x the number of processes ({world}).")
+    return ks, grad_accum
 
-    models = diffusion.load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
+
+def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load_models):
+    # ---- checks and set-up: nothing is written until all of it has succeeded (scaffold.Run)
+    scaffold.check_shared(cfg)
+    explore.validate(cfg.explore, cfg.sample.guidance_scale)
+    rank, world, device = common.init_distributed(cfg.device)
+    common.set_threads(cfg.threads)
+    ks, grad_accum = check(cfg, world)
+    T = cfg.sample.num_steps
+    dtype = common.resolve_dtype(cfg.dtype, device)
+    run_dir = common.all_gather(scaffold.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name), world)[0]  # rank 0's
+    resume = scaffold.resume_from(cfg.resume, run_dir)  # --resume auto: the newest checkpoint in run_dir, if any
+    scaffold.check_run_dir(run_dir, resume)
+
+    models = load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
     precision = common.Precision(device, dtype)
     params = lora.inject(models.unet, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, seed=cfg.seed)
     unet = models.unet  # the uncompiled module: LoRA is saved and loaded through it
@@ -187,12 +201,15 @@ def train(cfg: Config, guard: scaffold.LastGoodState):
         models = dataclasses.replace(models, unet=torch.compile(unet))  # shares unet's parameters
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.adam_betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.adam_eps)
-    reward_fn = rewards.make_reward(cfg.reward.name, device=device, dtype=dtype, tiny=cfg.reward.tiny, weights=cfg.reward.weights)
+    reward_fn = rewards.make_reward(cfg.reward.name, device=device, dtype=dtype, tiny=cfg.reward.tiny,
+                                    weights=cfg.reward.weights)
     prompt_set = diffusion.load_prompts(cfg.prompts)
     encode = diffusion.PromptEncoder(models)
     uncond = diffusion.encode_text(models, [""])  # (1, 77, D) (SDXL: (1, 78, D)); never weighted
-    embedder = rewards.clip_image_embedder(device, dtype, cfg.eval.clip_tiny, cfg.eval.clip_weights) if cfg.eval.diversity else None
+    embedder = (rewards.clip_image_embedder(device, dtype, cfg.eval.clip_tiny, cfg.eval.clip_weights)
+                if cfg.eval.diversity else None)
     heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 and cfg.eval.prompts else None
+    ts = diffusion.timesteps(models, T)  # (T,) on the host
     start_epoch, reward_queries = 0, 0
     if resume:
         state = scaffold.load_checkpoint(resume, unet)
@@ -206,91 +223,87 @@ def train(cfg: Config, guard: scaffold.LastGoodState):
     def policy_scores():  # fixed seeds, plain prompts, w_high: the training prompts and the held-out ones
         return evaluate.policy_scores(models, cfg.eval, prompt_set, heldout, reward_fn, T, cfg.sample.eta,
                                       cfg.sample.guidance_scale, cfg.seed, embedder)
-    tracker = scaffold.start_tracking(cfg, run_dir, rank, start_epoch, reward_queries, policy_scores)
+
+    def training_state(epochs_done: int) -> dict:
+        return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
+                "precision": precision.state_dict()}
+    run = scaffold.Run(cfg, run_dir, rank, world, start_epoch, reward_queries, unet, params, guard, training_state,
+                       policy_scores)
     bars = scaffold.show_progress(cfg.log, rank)
     print0(f"batch arithmetic: {cfg.train.total_batch} samples per optimizer step = {grad_accum} micro-batches x "
            f"{cfg.train.batch_size} over {world} process(es); gradients through the last {ks[0]}..{ks[1]} of {T} steps")
     assert grad_accum * cfg.train.batch_size == cfg.train.total_batch
     my_micro = list(range(rank, grad_accum, world))  # global micro-batch indices of this process
-    guard.arm(run_dir, unet, params, rank)
 
-    def training_state(epochs_done: int) -> dict:
-        return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
-                "precision": precision.state_dict()}
-
-    guard.update(start_epoch, training_state(start_epoch))  # what a stop before the first epoch ends saves
     for epoch in range(start_epoch, cfg.num_epochs):
         progress = epoch / cfg.num_epochs
         exploring = any(explore.active(cfg.explore, progress))
         models.unet.train()
         t0 = time.perf_counter()
-        epoch_rewards, losses, grad_from, texts, embeddings, shown = [], [], [], [], [], []
+        out = {"reward": [], "loss": [], "grad_from": [], "prompts": [], "embeddings": []}
+        shown = []  # the epoch's first samples, for the grid
         for m in tqdm(my_micro, desc=f"epoch {epoch}", leave=False, disable=not bars):
-            # micro-batch m draws from generators keyed by (seed, epoch, m): the same on any number of processes
-            idx = torch.randint(len(prompt_set), (cfg.train.batch_size,), generator=common.generator(cfg.seed, epoch, m, "prompts"))
-            batch_prompts = [prompt_set[i] for i in idx]
-            cond, positions = encode(batch_prompts)
-            ts = diffusion.timesteps(models, T)
-            cond, guidance, _ = explore.explore_batch(cfg.explore, cond, positions, ts, cfg.sample.guidance_scale, progress,
-                                                      common.generator(cfg.seed, epoch, m, "explore"))
-            k = draw_k(cfg, common.generator(cfg.seed, epoch, m, "truncation"))
-            with precision.autocast():
-                traj = diffusion.sample(models, cond, uncond, guidance, T, cfg.sample.eta, common.generator(cfg.seed, epoch, m, "noise"),
-                                        grad_last_k=k, checkpointing=cfg.checkpointing)
-            reward = reward_fn(traj.images, [p.text for p in batch_prompts])  # (b,), differentiable
-            loss = -reward.mean() if cfg.train.loss == "reward" else (reward - cfg.train.target).abs().mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch}: non-finite loss (reward {reward.tolist()}).")
-            precision.backward(loss / len(my_micro))
-            epoch_rewards.append(reward.detach().float().cpu())
-            losses.append(loss.item())
-            grad_from.append(traj.grad_from)
-            images = traj.images.detach()
-            texts += [p.text for p in batch_prompts]
-            if sum(len(x) for x in shown) < cfg.log.grid_size:  # the epoch's first samples, for the grid
-                shown.append(images.cpu())
+            images = micro_batch(cfg, models, encode, uncond, prompt_set, ts, reward_fn, precision, epoch, m,
+                                 len(my_micro), os.path.join(run_dir, f"unscored_epoch_{epoch:04d}_rank{rank}.pt"), out)
             if embedder:
-                embeddings.append(evaluate.embed_images(images, embedder).cpu())
-        grad_norm = precision.step(optimizer, params, cfg.train.max_grad_norm, world, f"epoch {epoch}")  # NaN: skipped (float16)
+                out["embeddings"].append(evaluate.embed_images(images, embedder).cpu())
+            if sum(map(len, shown)) < cfg.log.grid_size:
+                shown.append(images.cpu())
+        grad_norm = precision.step(optimizer, params, cfg.train.max_grad_norm, world, f"epoch {epoch}")  # NaN: skipped
         seconds = time.perf_counter() - t0
         common.assert_in_sync(params, world, f"epoch {epoch}")
 
-        # ---- logging, pictures, checkpoint (process 0)
-        local = (torch.cat(epoch_rewards), losses, grad_from, peak_memory_mb(device), texts,
-                 torch.cat(embeddings) if embedder else None)
+        # ---- the epoch's record: log, grid, checkpoint (scaffold.Run, process 0)
+        local = (torch.cat(out["reward"]), out["loss"], out["grad_from"], peak_memory_mb(device), out["prompts"],
+                 torch.cat(out["embeddings"]) if embedder else None)
         gathered = common.all_gather(local, world)
         reward = torch.cat([g[0] for g in gathered])
         losses, grad_from = [x for g in gathered for x in g[1]], [x for g in gathered for x in g[2]]
         reward_queries += len(reward)
-        if rank != 0:
-            continue
-        last = epoch == cfg.num_epochs - 1
         record = {"epoch": epoch, "reward_queries": reward_queries, **common.summarize(reward),
                   "loss": sum(losses) / len(losses), "grad_norm": grad_norm, "skipped_steps": int(grad_norm != grad_norm),
-                  "grad_from_step": sum(grad_from) / len(grad_from), "exploring": exploring,
-                  "s_step": seconds, "samples_per_s": len(reward) / seconds, "peak_mem_mb": max(g[3] for g in gathered)}
-        if embedder:
-            record["diversity"] = evaluate.mean_diversity(torch.cat([g[5] for g in gathered]), [t for g in gathered for t in g[4]])
-        if common.every(cfg.eval.every, epoch + 1, last) and cfg.eval.every > 0:
-            record.update(policy_scores())
-        grid = None
-        if common.every(cfg.log.grid_every, epoch + 1, last):  # process 0's first samples, labelled
-            n = cfg.log.grid_size
-            grid = os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png")
-            plots.save_grid(torch.cat(shown)[:n], grid, labels=plots.grid_labels(texts[:n], torch.cat(epoch_rewards)[:n]))
-        tracker.log(record, image=grid, caption=f"epoch {epoch}")
-        guard.update(epoch + 1, training_state(epoch + 1))  # this epoch is done: a stop from here on keeps it
-        print0(f"epoch {epoch} | reward {record['reward_mean']:.4g}±{record['reward_std']:.3g} | loss {common.fmt(record['loss'])} | "
-               f"grad norm {common.fmt(record['grad_norm'])} | grads from step {record['grad_from_step']:.3g}/{T} | "
-               f"{'explore' if exploring else 'plain'} | {seconds:.1f} s" + scaffold.eval_line(record))
-        plots.plot_rewards(tracker.records, os.path.join(run_dir, "rewards.png"), title=f"{cfg.name}: {cfg.reward.name}")
-        if common.every(cfg.log.save_every, epoch + 1, last):
-            scaffold.save_checkpoint(run_dir, epoch + 1, unet, training_state(epoch + 1), {"config": cfg, "epoch": epoch + 1, **record})
-            scaffold.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
-    if tracker:
-        tracker.close()
-    common.barrier(world)
+                  "grad_from_step": sum(grad_from) / len(grad_from), "exploring": exploring, "s_step": seconds,
+                  "samples_per_s": len(reward) / seconds, "peak_mem_mb": max(g[3] for g in gathered)}
+        if embedder and rank == 0:
+            record["diversity"] = evaluate.mean_diversity(torch.cat([g[5] for g in gathered]),
+                                                          [t for g in gathered for t in g[4]])
+        n = cfg.log.grid_size  # process 0's first samples, labelled
+        labels = plots.grid_labels(out["prompts"][:n], torch.cat(out["reward"])[:n])
+        details = (f"loss {common.fmt(record['loss'])} | grad norm {common.fmt(record['grad_norm'])} | "
+                   f"grads from step {record['grad_from_step']:.3g}/{T}")
+        run.end_epoch(epoch, record, details, seconds, torch.cat(shown)[:n], labels)
+    run.close()
     return run_dir
+
+
+def micro_batch(cfg: Config, models, encode, uncond, prompt_set, ts, reward_fn, precision, epoch: int, m: int,
+                accum: int, unscored: str, out: dict):
+    """One micro-batch of trajectories, with exploration: sampled with gradients through the last K steps and
+    the decode, scored by the differentiable reward, and the loss backpropagated (gradients accumulate over
+    the step's `accum` micro-batches). Micro-batch m draws from generators keyed by (seed, epoch, m): the same
+    on any number of processes. Appends the rewards, loss, first step with gradient and prompts to `out`.
+    -> the images (b, 3, H, W), detached."""
+    idx = torch.randint(len(prompt_set), (cfg.train.batch_size,), generator=common.generator(cfg.seed, epoch, m, "prompts"))
+    batch_prompts = [prompt_set[i] for i in idx]
+    texts = [p.text for p in batch_prompts]
+    cond, positions = encode(batch_prompts)
+    cond, guidance = explore.explore_batch(cfg.explore, cond, positions, ts, cfg.sample.guidance_scale,
+                                           epoch / cfg.num_epochs, common.generator(cfg.seed, epoch, m, "explore"),
+                                           diffusion.PROMPT_LENGTH)
+    k = draw_k(cfg, common.generator(cfg.seed, epoch, m, "truncation"))
+    with precision.autocast():
+        traj = diffusion.sample(models, cond, uncond, guidance, len(ts), cfg.sample.eta,
+                                common.generator(cfg.seed, epoch, m, "noise"), grad_last_k=k, checkpointing=cfg.checkpointing)
+    reward = scaffold.score(reward_fn, [traj.images], [texts], cfg.reward.name, unscored)[0]  # (b,), differentiable
+    loss = -reward.mean() if cfg.train.loss == "reward" else (reward - cfg.train.target).abs().mean()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"epoch {epoch}: non-finite loss (reward {reward.tolist()}).")
+    precision.backward(loss / accum)
+    out["reward"].append(reward.detach().float().cpu())
+    out["loss"].append(loss.item())
+    out["grad_from"].append(traj.grad_from)
+    out["prompts"] += texts
+    return traj.images.detach()
 
 
 def cli(args=None) -> Config:

@@ -20,10 +20,11 @@ the policy that sampled (the ratio is 1 before the first update of each epoch; i
 """
 
 import dataclasses
+import functools
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -31,14 +32,13 @@ import tyro
 from tqdm import tqdm
 
 import common
-import scaffold
-import plots
 import diffusion
 import evaluate
 import explore
 import lora
+import plots
 import rewards
-import toy
+import scaffold
 from common import ConfigError, print0
 from evaluate import EvalConfig
 from explore import ExploreConfig
@@ -86,7 +86,9 @@ class Config:
     num_epochs: int = 200  # planned epochs (exploration runs for the first explore_until of them)
     seed: int = 0
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # frozen weights and autocast (auto: bfloat16 on a GPU, float32 on a CPU); LoRA stays float32
+    # frozen weights and autocast (auto: bfloat16 on a GPU, float32 on a CPU); LoRA and optimizer state stay float32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int = 0  # CPU threads of torch (0: the cores this process may use, shared among torchrun's processes)
     compile: bool = False  # torch.compile the UNet (checkpoints are always saved from the uncompiled module)
     run_dir: str = ""  # default: runs/{name}-{date}
     resume: str = ""  # a run folder (its newest checkpoint) or a checkpoint folder
@@ -101,8 +103,9 @@ class Config:
 
 BASE = Config()
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy")  # shipped with the repo
+TOY_T_THRES = 570  # the paper's t_thres 800 mapped to the toy model's schedule by noise level (tested)
 # The toy world (docs/toy-world.md), with train_alignprop.py's toy prompts, rewards, 10 DDIM steps and CFG 5,
-# and DiffExp's t_thres mapped to this schedule by noise level (toy.T_THRES = 570, the paper's 800). Each
+# and DiffExp's t_thres mapped to this schedule by noise level (TOY_T_THRES). Each
 # optimizer step averages 256 samples (with 32, Adam follows noise: experiments.md, section 5), and only
 # the noisier first half of each trajectory is trained (the late steps' log-prob gradients are large and
 # carry no reward information there). The plain policy is evaluated every epoch on fixed seeds.
@@ -111,11 +114,11 @@ TOY = dataclasses.replace(
     sample=SampleConfig(num_steps=10, batch_size=16, num_batches=16),
     train=TrainConfig(batch_size=16, updates_per_epoch=1, timesteps_per_forward=5, timestep_range=(0.0, 0.5), lr=5e-3,
                       clip_range=0.2, min_count=4),
-    explore=ExploreConfig(t_thres=toy.T_THRES), reward=RewardConfig(name="toy-aesthetic"), lora=LoRAConfig(alpha=16.0),
+    explore=ExploreConfig(t_thres=TOY_T_THRES), reward=RewardConfig(name="toy-aesthetic"), lora=LoRAConfig(alpha=16.0),
     log=LogConfig(grid_every=1, save_every=1),
     eval=EvalConfig(every=1, samples_per_prompt=2, diversity=False, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_heldout.txt")))
 PRESETS = {
-    "tiny": ("Offline tiny random model, brightness reward, a few epochs on a CPU (see README: why not JPEG).", dataclasses.replace(
+    "tiny": ("Offline tiny random model, the model-free brightness reward, a few epochs on a CPU.", dataclasses.replace(
         BASE, name="ddpo-tiny", model="tiny", num_epochs=7,
         sample=SampleConfig(num_steps=10, batch_size=8, num_batches=4),
         train=TrainConfig(batch_size=4, updates_per_epoch=4, timesteps_per_forward=10, lr=1e-2, clip_range=0.1, min_count=4),
@@ -197,30 +200,29 @@ def ppo_loss(log_prob, old_log_prob, advantages, clip_range: float):
 # -----------------------------------------------------------------------------
 
 
-def main(cfg: Config):
-    return scaffold.run_guarded(train, cfg)
+def main(cfg: Config, load_models=diffusion.load_models):
+    """Trains with cfg. load_models: how the models are loaded (bench_gpu.py passes one that draws random
+    full-size weights on the GPU)."""
+    return scaffold.run_guarded(functools.partial(train, load_models=load_models), cfg)
 
 
-def train(cfg: Config, guard: scaffold.LastGoodState):
-    # ---- checks and set-up
-    scaffold.check_shared(cfg)
-    explore.validate(cfg.explore, cfg.sample.guidance_scale)
+def check(cfg: Config, world: int) -> tuple[torch.Tensor, int]:
+    """DDPO's own flags, after the shared ones. -> (the step indices trained on, micro-batches per optimizer
+    step over all processes). Batch arithmetic: N samples per epoch, split over the processes; each optimizer
+    step averages grad_accum micro-batches (in all) x train_steps timesteps."""
     if cfg.sample.eta <= 0:
         raise ConfigError(f"--sample.eta {cfg.sample.eta}: DDPO needs eta > 0 (a deterministic DDIM step has no log-prob).")
     if not 0 < cfg.train.timestep_fraction <= 1:
         raise ConfigError(f"--train.timestep-fraction {cfg.train.timestep_fraction}: must lie in (0, 1].")
-    T = cfg.sample.num_steps
-    start, end = cfg.train.timestep_range
-    trainable = torch.tensor([i for i in range(T) if start <= i / T < end], dtype=torch.long)  # the step indices trained on
+    T, (start, end) = cfg.sample.num_steps, cfg.train.timestep_range
+    trainable = torch.tensor([i for i in range(T) if start <= i / T < end], dtype=torch.long)
     if not 0 <= start < end <= 1 or len(trainable) == 0:
-        raise ConfigError(f"--train.timestep-range {start} {end}: needs 0 <= start < end <= 1 and at least one of the "
-                         f"{T} steps i with start <= i / {T} < end.")
-    rank, world, device = common.init_distributed(cfg.device)
-    dtype = common.resolve_dtype(cfg.dtype, device)
-    # batch arithmetic: N samples per epoch, split over the processes; each optimizer step averages
-    # grad_accum micro-batches (in all) x train_steps timesteps
-    if min(cfg.sample.batch_size, cfg.sample.num_batches, cfg.train.batch_size, cfg.train.inner_epochs) < 1:
-        raise ConfigError("--sample.batch-size, --sample.num-batches, --train.batch-size and --train.inner-epochs must be >= 1.")
+        raise ConfigError(f"--train.timestep-range {start} {end}: needs 0 <= start < end <= 1 and at least one of "
+                          f"the {T} steps i with start <= i / {T} < end.")
+    if min(cfg.sample.batch_size, cfg.sample.num_batches, cfg.train.batch_size, cfg.train.inner_epochs,
+           cfg.train.timesteps_per_forward) < 1:
+        raise ConfigError("--sample.batch-size, --sample.num-batches, --train.batch-size, --train.inner-epochs and "
+                          "--train.timesteps-per-forward must be >= 1.")
     N = cfg.sample.batch_size * cfg.sample.num_batches
     micro_per_epoch, rem = divmod(N, cfg.train.batch_size)
     grad_accum, rem2 = divmod(micro_per_epoch, max(1, cfg.train.updates_per_epoch))
@@ -230,11 +232,24 @@ def train(cfg: Config, guard: scaffold.LastGoodState):
             f"{cfg.sample.num_batches} = {N}) must split into --train.batch-size {cfg.train.batch_size} x gradient "
             f"accumulation x --train.updates-per-epoch {cfg.train.updates_per_epoch}, with the sampling batches and "
             f"the accumulation steps divisible by the {world} process(es).")
-    train_steps = max(1, int(len(trainable) * cfg.train.timestep_fraction))
-    run_dir = scaffold.start_run(cfg) if rank == 0 else scaffold.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name)
-    resume = scaffold.resume_from(cfg.resume, run_dir)  # --resume auto: the newest checkpoint in run_dir, if any
+    return trainable, grad_accum
 
-    models = diffusion.load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
+
+def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load_models):
+    # ---- checks and set-up: nothing is written until all of it has succeeded (scaffold.Run)
+    scaffold.check_shared(cfg)
+    explore.validate(cfg.explore, cfg.sample.guidance_scale)
+    rank, world, device = common.init_distributed(cfg.device)
+    common.set_threads(cfg.threads)
+    trainable, grad_accum = check(cfg, world)
+    T, N = cfg.sample.num_steps, cfg.sample.batch_size * cfg.sample.num_batches
+    train_steps = max(1, int(len(trainable) * cfg.train.timestep_fraction))
+    dtype = common.resolve_dtype(cfg.dtype, device)
+    run_dir = common.all_gather(scaffold.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name), world)[0]  # rank 0's
+    resume = scaffold.resume_from(cfg.resume, run_dir)  # --resume auto: the newest checkpoint in run_dir, if any
+    scaffold.check_run_dir(run_dir, resume)
+
+    models = load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
     precision = common.Precision(device, dtype)
     params = lora.inject(models.unet, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, seed=cfg.seed)
     unet = models.unet  # the uncompiled module: LoRA is saved and loaded through it
@@ -242,12 +257,15 @@ def train(cfg: Config, guard: scaffold.LastGoodState):
         models = dataclasses.replace(models, unet=torch.compile(unet))  # shares unet's parameters
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.adam_betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.adam_eps)
-    reward_fn = rewards.make_reward(cfg.reward.name, device=device, dtype=dtype, tiny=cfg.reward.tiny, weights=cfg.reward.weights)
+    reward_fn = rewards.make_reward(cfg.reward.name, device=device, dtype=dtype, tiny=cfg.reward.tiny,
+                                    weights=cfg.reward.weights)
     prompt_set = diffusion.load_prompts(cfg.prompts)
     encode = diffusion.PromptEncoder(models)
     uncond = diffusion.encode_text(models, [""])  # (1, 77, D) (SDXL: (1, 78, D)); never weighted
-    embedder = rewards.clip_image_embedder(device, dtype, cfg.eval.clip_tiny, cfg.eval.clip_weights) if cfg.eval.diversity else None
+    embedder = (rewards.clip_image_embedder(device, dtype, cfg.eval.clip_tiny, cfg.eval.clip_weights)
+                if cfg.eval.diversity else None)
     heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 and cfg.eval.prompts else None
+    ts = diffusion.timesteps(models, T)  # (T,) on the host
     stat_tracker = PerPromptStatTracker(cfg.train.buffer_size, cfg.train.min_count)
     start_epoch, reward_queries = 0, 0
     if resume:
@@ -263,66 +281,45 @@ def train(cfg: Config, guard: scaffold.LastGoodState):
     def policy_scores():  # fixed seeds, plain prompts, w_high: the training prompts and the held-out ones
         return evaluate.policy_scores(models, cfg.eval, prompt_set, heldout, reward_fn, T, cfg.sample.eta,
                                       cfg.sample.guidance_scale, cfg.seed, embedder)
-    tracker = scaffold.start_tracking(cfg, run_dir, rank, start_epoch, reward_queries, policy_scores)
-    bars = scaffold.show_progress(cfg.log, rank)
-    print0(f"batch arithmetic: {N} samples per epoch = {cfg.sample.num_batches} batches x {cfg.sample.batch_size}"
-           f" over {world} process(es); training: micro-batches of {cfg.train.batch_size} samples x {train_steps} "
-           f"timesteps, {grad_accum} micro-batches per optimizer step -> {cfg.train.updates_per_epoch} optimizer "
-           f"steps per inner epoch, {cfg.train.inner_epochs} inner epoch(s)")
-    assert N == cfg.train.batch_size * grad_accum * cfg.train.updates_per_epoch
-    my_batches = list(range(rank, cfg.sample.num_batches, world))  # global sampling batches of this process
-    guard.arm(run_dir, unet, params, rank)
 
     def training_state(epochs_done: int) -> dict:
         return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
                 "stat_tracker": stat_tracker.state_dict(), "precision": precision.state_dict()}
+    run = scaffold.Run(cfg, run_dir, rank, world, start_epoch, reward_queries, unet, params, guard, training_state,
+                       policy_scores)
+    bars = scaffold.show_progress(cfg.log, rank)
+    print0(f"batch arithmetic: {N} samples per epoch = {cfg.sample.num_batches} batches x {cfg.sample.batch_size} "
+           f"over {world} process(es); training: micro-batches of {cfg.train.batch_size} samples x {train_steps} "
+           f"timesteps, {grad_accum} micro-batches per optimizer step -> {cfg.train.updates_per_epoch} optimizer "
+           f"steps per inner epoch, {cfg.train.inner_epochs} inner epoch(s)")
+    assert N == cfg.train.batch_size * grad_accum * cfg.train.updates_per_epoch
+    my_batches = list(range(rank, cfg.sample.num_batches, world))  # global sampling batches of this process
     n_local = len(my_batches) * cfg.sample.batch_size
-    accum_local = grad_accum // world
 
-    guard.update(start_epoch, training_state(start_epoch))  # what a stop before the first epoch ends saves
     for epoch in range(start_epoch, cfg.num_epochs):
         progress = epoch / cfg.num_epochs
         exploring = any(explore.active(cfg.explore, progress))
 
-        # ---- sampling: trajectories with exploration, stored with their guidance scales and embeddings.
-        # Batch b draws from generators keyed by (seed, epoch, b): the same samples on any number of processes.
+        # ---- sampling, with exploration
         models.unet.eval()
         t0 = time.perf_counter()
-        batches = []
-        for b in tqdm(my_batches, desc=f"epoch {epoch} sampling", leave=False, disable=not bars):
-            idx = torch.randint(len(prompt_set), (cfg.sample.batch_size,), generator=common.generator(cfg.seed, epoch, b, "prompts"))
-            batch_prompts = [prompt_set[i] for i in idx]
-            cond, positions = encode(batch_prompts)
-            ts = diffusion.timesteps(models, T)
-            cond, guidance, _ = explore.explore_batch(cfg.explore, cond, positions, ts, cfg.sample.guidance_scale, progress,
-                                                      common.generator(cfg.seed, epoch, b, "explore"))
-            with torch.no_grad(), precision.autocast():
-                traj = diffusion.sample(models, cond, uncond, guidance, T, cfg.sample.eta, common.generator(cfg.seed, epoch, b, "noise"))
-            batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, guidance=guidance, cond=cond,
-                                images=traj.images, prompts=[p.text for p in batch_prompts]))
+        batches = sample_epoch(cfg, models, encode, uncond, prompt_set, ts, epoch, my_batches, precision, bars)
         t_sample = time.perf_counter() - t0
 
         # ---- rewards; advantages from the rewards of ALL processes (per-prompt statistics need them)
         t0 = time.perf_counter()
+        local_prompts = [b["prompts"] for b in batches]
         with torch.no_grad():
-            for n, b in enumerate(batches):
-                try:
-                    b["rewards"] = reward_fn(b["images"], b["prompts"]).float().cpu()
-                except Exception as e:  # keep what was sampled: the images are worth looking at
-                    path = os.path.join(run_dir, f"unscored_epoch_{epoch:04d}_rank{rank}.pt")
-                    torch.save({"images": torch.cat([x["images"] for x in batches]).cpu(),
-                                "prompts": [p for x in batches for p in x["prompts"]]}, path)
-                    raise RuntimeError(f"epoch {epoch}: the reward model ({cfg.reward.name}) failed on sampling batch "
-                                       f"{n}: {e}. This epoch's samples are saved in {path}.") from e
-                b["embeddings"] = evaluate.embed_images(b["images"], embedder).cpu() if embedder else torch.zeros(len(b["prompts"]), 0)
+            unscored = os.path.join(run_dir, f"unscored_epoch_{epoch:04d}_rank{rank}.pt")
+            local_reward = torch.cat(scaffold.score(reward_fn, [b["images"] for b in batches], local_prompts,
+                                                    cfg.reward.name, unscored)).float().cpu()  # (n_local,)
+            local_embeddings = (torch.cat([evaluate.embed_images(b["images"], embedder).cpu() for b in batches])
+                                if embedder else torch.zeros(n_local, 0))  # (n_local, D): the diversity metric
         t_reward = time.perf_counter() - t0
-        local_prompts = [p for b in batches for p in b["prompts"]]
-        local_reward = torch.cat([b["rewards"] for b in batches])  # (n_local,)
-        local_embeddings = torch.cat([b["embeddings"] for b in batches])  # (n_local, D) for the diversity metric
+        local_prompts = sum(local_prompts, [])
         gathered = common.all_gather((local_prompts, local_reward, local_embeddings), world)
         prompts = [p for g in gathered for p in g[0]]
         reward = torch.cat([g[1] for g in gathered])  # (N,), rank-major order
-        embeddings = torch.cat([g[2] for g in gathered])
         reward_queries += len(reward)
         if not torch.isfinite(reward).all():
             raise FloatingPointError(f"epoch {epoch}: non-finite reward from --reward.name {cfg.reward.name}.")
@@ -330,9 +327,8 @@ def train(cfg: Config, guard: scaffold.LastGoodState):
         advantages = advantages.clamp(-cfg.train.adv_clip_max, cfg.train.adv_clip_max)
         advantages = advantages[rank * n_local:(rank + 1) * n_local].to(device)  # this process's samples
         data = {k: torch.cat([b[k] for b in batches]) for k in ("latents", "log_probs", "guidance", "cond")}
-        timesteps = diffusion.timesteps(models, T).to(device)
-        grid_images = torch.cat([b["images"] for b in batches])[: cfg.log.grid_size]  # process 0's first samples
-        grid_labels = plots.grid_labels(local_prompts[: cfg.log.grid_size], local_reward[: cfg.log.grid_size])
+        grid_images = torch.cat([b["images"] for b in batches])[:cfg.log.grid_size]  # process 0's first samples
+        grid_labels = plots.grid_labels(local_prompts[:cfg.log.grid_size], local_reward[:cfg.log.grid_size])
         del batches
 
         # ---- training: PPO-clip updates over shuffled samples and shuffled timesteps
@@ -341,78 +337,104 @@ def train(cfg: Config, guard: scaffold.LastGoodState):
         stats = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
         first_ratio_err = 0.0  # max |ratio - 1| before the epoch's first optimizer step: 0 if on-policy
         for inner in range(cfg.train.inner_epochs):
-            g = common.generator(cfg.seed, epoch, inner, "train", rank)
-            # drawn on the CPU (reproducible) and kept there too: the guidance scales are indexed on the host, so
-            # guided_eps decides which UNet branches a forward needs without reading from the device
-            perm_host = torch.randperm(n_local, generator=g)
-            order_host = torch.stack([trainable[torch.randperm(len(trainable), generator=g)] for _ in range(n_local)])  # (n, steps)
-            perm, step_order = perm_host.to(device), order_host.to(device)
-            micro = zip(perm.split(cfg.train.batch_size), perm_host.split(cfg.train.batch_size))
-            for m, (idx, idx_host) in enumerate(tqdm(micro, total=len(perm_host.split(cfg.train.batch_size)), desc=f"epoch {epoch} training",
-                                                     leave=False, disable=not bars)):
-                pending = []  # per forward: loss, approx_kl, clipfrac, max |ratio - 1|, kept on the device
-                for j in range(0, train_steps, cfg.train.timesteps_per_forward):
-                    # (sample, step) pairs of this forward: each sample at its next shuffled steps, folded into the batch
-                    c = slice(j, min(j + cfg.train.timesteps_per_forward, train_steps))
-                    i, i_host = step_order[idx, c], order_host[idx_host, c]  # (b, c)
-                    rows, i = idx[:, None].expand_as(i).reshape(-1), i.reshape(-1)  # (b*c,)
-                    w = data["guidance"][idx_host[:, None].expand_as(i_host).reshape(-1), i_host.reshape(-1)]  # (b*c,) on the host
-                    with precision.autocast():
-                        log_prob = diffusion.step_log_prob(
-                            models, data["latents"][rows, i], timesteps[i], data["latents"][rows, i + 1],
-                            data["cond"][rows], uncond, w, cfg.sample.eta, T)
-                    loss, ratio, approx_kl, clipfrac = ppo_loss(log_prob, data["log_probs"][rows, i], advantages[rows], cfg.train.clip_range)
-                    # a mean over b*c transitions, weighted so an optimizer step averages all of its transitions
-                    precision.backward(loss * (len(i) // len(idx)) / (accum_local * train_steps))
-                    pending.append(torch.stack([loss.detach(), approx_kl.detach(), clipfrac, (ratio.detach() - 1).abs().max()]).float())
-                # read once per micro-batch: a host-device synchronisation per forward would stall the GPU
-                read = torch.stack(pending).cpu()  # (forwards, 4)
-                if not torch.isfinite(read[:, 0]).all():  # checked here: under float16 a non-finite gradient may be the loss scaler's
-                    raise FloatingPointError(f"epoch {epoch}, micro-batch {m}: non-finite loss.")
-                for k, column in zip(("loss", "approx_kl", "clipfrac"), read.T):
-                    stats[k].extend(column.tolist())
-                if inner == 0 and m < accum_local:
-                    first_ratio_err = max(first_ratio_err, read[:, 3].max().item())
-                if (m + 1) % accum_local == 0:
-                    stats["grad_norm"].append(precision.step(optimizer, params, cfg.train.max_grad_norm, world,
-                                                             f"epoch {epoch}, micro-batch {m}"))
+            ratio_err = ppo_epoch(cfg, models, uncond, ts.to(device), data, advantages, trainable, train_steps,
+                                  grad_accum // world, precision, optimizer, params, world, stats,
+                                  common.generator(cfg.seed, epoch, inner, "train", rank), f"epoch {epoch}", bars)
+            first_ratio_err = ratio_err if inner == 0 else first_ratio_err
         t_train = time.perf_counter() - t0
         common.assert_in_sync(params, world, f"epoch {epoch}")
 
-        # ---- logging, pictures, checkpoint (process 0)
+        # ---- the epoch's record: log, grid, checkpoint (scaffold.Run, process 0)
         skipped = sum(g != g for g in stats["grad_norm"])  # a NaN norm: a float16 step the loss scaler skipped
         stats["grad_norm"] = [g for g in stats["grad_norm"] if g == g] or [float("nan")]
         stats = {k: sum(v) / len(v) for k, v in stats.items()}
         if world > 1:  # average the training statistics over processes; the worst ratio error
             stats = {k: sum(s[k] for s in common.all_gather(stats, world)) / world for k in stats}
             first_ratio_err = max(common.all_gather(first_ratio_err, world))
-        if rank == 0:
-            last = epoch == cfg.num_epochs - 1
-            record = {"epoch": epoch, "reward_queries": reward_queries, **common.summarize(reward), **stats,
-                      "first_ratio_err": first_ratio_err, "skipped_steps": skipped, "exploring": exploring,
-                      "s_sample": t_sample, "s_reward": t_reward, "s_train": t_train,
-                      "samples_per_s": N / t_sample, "transitions_per_s": N * train_steps * cfg.train.inner_epochs / t_train}
-            if embedder:
-                record["diversity"] = evaluate.mean_diversity(embeddings, prompts)
-            if common.every(cfg.eval.every, epoch + 1, last) and cfg.eval.every > 0:
-                record.update(policy_scores())
-            grid = None
-            if common.every(cfg.log.grid_every, epoch + 1, last):
-                grid = os.path.join(run_dir, "samples", f"epoch_{epoch:04d}.png")
-                plots.save_grid(grid_images, grid, labels=grid_labels)
-            tracker.log(record, image=grid, caption=f"epoch {epoch}")
-            guard.update(epoch + 1, training_state(epoch + 1))  # this epoch is done: a stop from here on keeps it
-            print0(f"epoch {epoch} | reward {record['reward_mean']:.4g}±{record['reward_std']:.3g} | "
-                   f"kl {common.fmt(record['approx_kl'])} | clipfrac {record['clipfrac']:.3f} | loss {common.fmt(record['loss'])} | "
-                   f"{'explore' if exploring else 'plain'} | {t_sample + t_reward + t_train:.1f} s" + scaffold.eval_line(record))
-            plots.plot_rewards(tracker.records, os.path.join(run_dir, "rewards.png"), title=f"{cfg.name}: {cfg.reward.name}")
-            if common.every(cfg.log.save_every, epoch + 1, last):
-                scaffold.save_checkpoint(run_dir, epoch + 1, unet, training_state(epoch + 1), {"config": cfg, "epoch": epoch + 1, **record})
-                scaffold.prune_checkpoints(run_dir, cfg.log.keep_checkpoints)
-        common.barrier(world)
-    if tracker:
-        tracker.close()
+        record = {"epoch": epoch, "reward_queries": reward_queries, **common.summarize(reward), **stats,
+                  "first_ratio_err": first_ratio_err, "skipped_steps": skipped, "exploring": exploring,
+                  "s_sample": t_sample, "s_reward": t_reward, "s_train": t_train, "samples_per_s": N / t_sample,
+                  "transitions_per_s": N * train_steps * cfg.train.inner_epochs / t_train}
+        if embedder and rank == 0:
+            record["diversity"] = evaluate.mean_diversity(torch.cat([g[2] for g in gathered]), prompts)
+        details = (f"kl {common.fmt(record['approx_kl'])} | clipfrac {record['clipfrac']:.3f} | "
+                   f"loss {common.fmt(record['loss'])}")
+        run.end_epoch(epoch, record, details, t_sample + t_reward + t_train, grid_images, grid_labels)
+    run.close()
     return run_dir
+
+
+def sample_epoch(cfg: Config, models, encode, uncond, prompt_set, ts, epoch: int, my_batches: list[int], precision,
+                 bars: bool) -> list[dict]:
+    """This process's trajectories of the epoch, sampled with exploration: per sampling batch, its latents
+    (B, T+1, ...), log-probs (B, T), guidance scales (B, T), exact (possibly re-weighted) prompt embeddings,
+    images and prompts, so that training re-scores exactly the policy that sampled. Batch b draws from
+    generators keyed by (seed, epoch, b): the same samples on any number of processes."""
+    progress, out = epoch / cfg.num_epochs, []
+    for b in tqdm(my_batches, desc=f"epoch {epoch} sampling", leave=False, disable=not bars):
+        idx = torch.randint(len(prompt_set), (cfg.sample.batch_size,), generator=common.generator(cfg.seed, epoch, b, "prompts"))
+        batch_prompts = [prompt_set[i] for i in idx]
+        cond, positions = encode(batch_prompts)
+        cond, guidance = explore.explore_batch(cfg.explore, cond, positions, ts, cfg.sample.guidance_scale, progress,
+                                               common.generator(cfg.seed, epoch, b, "explore"), diffusion.PROMPT_LENGTH)
+        with torch.no_grad(), precision.autocast():
+            traj = diffusion.sample(models, cond, uncond, guidance, len(ts), cfg.sample.eta,
+                                    common.generator(cfg.seed, epoch, b, "noise"))
+        out.append(dict(latents=traj.latents, log_probs=traj.log_probs, guidance=guidance, cond=cond,
+                        images=traj.images, prompts=[p.text for p in batch_prompts]))
+    return out
+
+
+def flat_pairs(samples: torch.Tensor, order: torch.Tensor, steps: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (sample, step) pairs of one forward: each sample at its shuffled steps order[sample, steps], flattened.
+    samples (b,), order (n, S) -> sample indices (b*c,), step indices (b*c,)."""
+    chosen = order[samples, steps]  # (b, c)
+    return samples[:, None].expand_as(chosen).reshape(-1), chosen.reshape(-1)
+
+
+def ppo_epoch(cfg: Config, models, uncond, timesteps, data: dict, advantages, trainable, train_steps: int,
+              accum: int, precision, optimizer, params, world: int, stats: dict, generator, where: str,
+              bars: bool) -> float:
+    """One pass over this process's samples: micro-batches of shuffled samples, each re-scored at train_steps of
+    its trainable steps (shuffled per sample), timesteps_per_forward of them folded into one UNet call (the same
+    gradient for N x the activations); an optimizer step every `accum` micro-batches. Appends the statistics to
+    `stats`. -> max |ratio - 1| before the first optimizer step (0 when on-policy, as the first pass must be)."""
+    n, per_forward = len(advantages), cfg.train.timesteps_per_forward
+    # drawn on the CPU (reproducible) and kept there too: the guidance scales are indexed on the host, so
+    # guided_eps decides which UNet branches a forward needs without reading from the device
+    perm = torch.randperm(n, generator=generator)  # (n,)
+    order = torch.stack([trainable[torch.randperm(len(trainable), generator=generator)] for _ in range(n)])  # (n, S)
+    device = advantages.device
+    perm_dev, order_dev = perm.to(device), order.to(device)  # copied to the device once, not per forward
+    micro = list(zip(perm.split(cfg.train.batch_size), perm_dev.split(cfg.train.batch_size)))
+    ratio_err = 0.0
+    for m, (samples, samples_dev) in enumerate(tqdm(micro, desc=f"{where} training", leave=False, disable=not bars)):
+        pending = []  # per forward: loss, approx_kl, clipfrac, max |ratio - 1|, kept on the device
+        for j in range(0, train_steps, per_forward):
+            steps = slice(j, min(j + per_forward, train_steps))
+            rows, i = flat_pairs(samples_dev, order_dev, steps)  # (b*c,) on the device: index the trajectories
+            w = data["guidance"][flat_pairs(samples, order, steps)]  # (b*c,) on the host
+            with precision.autocast():
+                log_prob = diffusion.step_log_prob(models, data["latents"][rows, i], timesteps[i],
+                                                   data["latents"][rows, i + 1], data["cond"][rows], uncond, w,
+                                                   cfg.sample.eta, cfg.sample.num_steps)
+            loss, ratio, approx_kl, clipfrac = ppo_loss(log_prob, data["log_probs"][rows, i], advantages[rows],
+                                                        cfg.train.clip_range)
+            # a mean over b*c transitions, weighted so that an optimizer step averages all of its transitions
+            precision.backward(loss * (steps.stop - steps.start) / (accum * train_steps))
+            pending.append(torch.stack([loss.detach(), approx_kl.detach(), clipfrac, (ratio.detach() - 1).abs().max()]).float())
+        # read once per micro-batch: a host-device synchronisation per forward would stall the GPU
+        read = torch.stack(pending).cpu()  # (forwards, 4)
+        if not torch.isfinite(read[:, 0]).all():  # checked here: under float16 a non-finite gradient may be the scaler's
+            raise FloatingPointError(f"{where}, micro-batch {m}: non-finite loss.")
+        for k, column in zip(("loss", "approx_kl", "clipfrac"), read.T):
+            stats[k].extend(column.tolist())
+        if m < accum:
+            ratio_err = max(ratio_err, read[:, 3].max().item())
+        if (m + 1) % accum == 0:
+            stats["grad_norm"].append(precision.step(optimizer, params, cfg.train.max_grad_norm, world,
+                                                     f"{where}, micro-batch {m}"))
+    return ratio_err
 
 
 def cli(args=None) -> Config:

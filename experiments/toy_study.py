@@ -159,14 +159,15 @@ def complete_seeds(trainer: str, task: str, runs: list[Run] | None = None) -> li
 
 
 def group_spec(trainer: str, task: str, arm: str, seeds: list[int]) -> str:
-    """'arm=folder,folder,...': the arm's runs at these seeds, for evaluate.py compare."""
+    """'arm=folder,folder,...': the arm's runs at these seeds, for compare.py."""
     return f"{arm}=" + ",".join(Run(trainer, task, arm, s, ()).folder for s in seeds)
 
 
 def compare_arms(trainer: str, task: str, arms: list[str], runs: list[Run], key: str, plots: str) -> dict | None:
-    """One trainer x task on the seeds at which every arm of `runs` finished: evaluate.py compare of the arms
-    (the baseline last) on the three curves, and the final policies' statistics. None when no seed is complete."""
-    import evaluate
+    """One trainer x task on the seeds at which every arm of `runs` finished: compare.py on the arms (the
+    baseline last) on the three curves, and the final policies' statistics. None when no seed is complete.
+    The pre-registered measure is the unpaired interval, so compare's paired one is left out (--no-paired)."""
+    import compare
     seeds = complete_seeds(trainer, task, runs)
     if not seeds:
         print(f"{key}: no seed has finished every arm yet; left out")
@@ -174,8 +175,8 @@ def compare_arms(trainer: str, task: str, arms: list[str], runs: list[Run], key:
     groups = [group_spec(trainer, task, arm, seeds) for arm in [a for a in arms if a != "baseline"] + ["baseline"]]
     summary = {"seeds": seeds}
     for metric in ("plain_reward_mean", "reward_mean", "heldout_reward_mean"):
-        summary[metric] = evaluate.main(["compare", "--groups", *groups, "--metric", metric,
-                                         "--out", os.path.join(OUT, f"{plots}-{metric}.png"), "--title", key])
+        summary[metric] = compare.main(["--groups", *groups, "--metric", metric, "--no-paired",
+                                        "--out", os.path.join(OUT, f"{plots}-{metric}.png"), "--title", key])
     finals = {}
     for arm in arms:
         stats = [final_policy_stats(r) for r in runs if (r.trainer, r.task, r.arm) == (trainer, task, arm) and r.seed in seeds]
@@ -257,14 +258,14 @@ def figure(path: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import evaluate
+    import compare
     fig, axes = plt.subplots(len(TRAINERS), len(TASKS), figsize=(10, 7), dpi=110, squeeze=False)
     for i, trainer in enumerate(TRAINERS):
         for j, task in enumerate(TASKS):
             ax, seeds = axes[i][j], complete_seeds(trainer, task)
             for arm, colour in (("diffexp", "tab:orange"), ("baseline", "tab:blue")) if seeds else ():
-                runs = evaluate.parse_groups((group_spec(trainer, task, arm, seeds),))[arm]
-                g = evaluate.group_curves(runs, "plain_reward_mean", "none", 1)
+                runs = compare.parse_groups((group_spec(trainer, task, arm, seeds),))[arm]
+                g = compare.group_curves(runs, "plain_reward_mean", "none", 1)
                 ax.plot(g["grid"], g["mean"], color=colour, label=f"{arm} ({len(runs)} seeds)")
                 ax.fill_between(g["grid"], g["mean"] - g["std"], g["mean"] + g["std"], color=colour, alpha=0.2, linewidth=0)
             ax.set_title(f"{'AlignProp' if trainer == 'alignprop' else 'DDPO'}, {task}", fontsize=10)

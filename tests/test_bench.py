@@ -1,19 +1,23 @@
 """bench.py: the tiny preset, shrunk to seconds, runs every stage and writes well-formed JSON lines; the
-FLOP count of a UNet call is positive and deterministic; the GPU suite's code path runs on the tiny
-models, keeps to its budget and records failures, and its table renders every record."""
+FLOP count of a UNet call is positive and deterministic. bench_gpu.py: the GPU suite's code path runs on
+the tiny models, keeps to its budget and records failures, and its table renders every record."""
 
 import json
 import math
 import os
 import signal
 import subprocess
+import sys
 import time
+import types
 
 import pytest
 import torch
 
 import bench
+import bench_gpu
 import diffusion
+from scaffold import read_metrics
 
 FIELDS = ("name", "device", "dtype", "batch", "steps", "resolution", "value", "unit", "seconds")
 
@@ -90,7 +94,7 @@ def test_cuda_measure_reports_out_of_memory_as_a_result(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# The suite (python bench.py gpu): its code path on the tiny models, its deadline, its error records
+# The suite (python bench_gpu.py run): its code path on the tiny models, its deadline, its error records
 
 TABLE_FIELDS = ("part", "name", "status", "value", "unit", "seconds", "mfu", "peak_mem_mb", "goal", "met", "error")
 CPU_SKIPS = {"sample sweep: SDPA efficient", "sample sweep: SDPA cudnn", "sample sweep: compile reduce-overhead",
@@ -101,16 +105,21 @@ def measurements(records):
     return [r for r in records if r["part"] not in ("header", "footer")]
 
 
+def suite(args):
+    """python bench_gpu.py run-tiny ARGS -> its records."""
+    return bench_gpu.main(bench_gpu.cli(["run-tiny", *args]))
+
+
 def test_gpu_suite_runs_every_part_on_the_tiny_models(tmp_path):
-    """bench.py gpu-tiny: every part measures (what needs CUDA is skipped, with the reason), every record
+    """bench_gpu.py run-tiny: every part measures (what needs CUDA is skipped, with the reason), every record
     carries what the table needs, the table has a row per measurement and the run's header line."""
     out = tmp_path / "suite.jsonl"
-    records = bench.main(bench.cli(["gpu-tiny", "--out", str(out)]))
+    records = suite(["--out", str(out)])
     assert [json.loads(line) for line in out.read_text().splitlines()] == records  # every record flushed to --out
     header, footer, rows = records[0], records[-1], measurements(records)
     assert header["part"] == "header" and footer["part"] == "footer"
     assert header["card"] and header["driver"] is None and header["torch"] == torch.__version__
-    assert set(footer["part_s"]) == set(bench.PART_SECONDS) == {r["part"] for r in rows}
+    assert set(footer["part_s"]) == set(bench_gpu.PART_SECONDS) == {r["part"] for r in rows}
     for r in rows:
         assert all(f in r for f in TABLE_FIELDS), r
         if r["status"] == "skipped":
@@ -141,7 +150,7 @@ def test_gpu_suite_runs_every_part_on_the_tiny_models(tmp_path):
                                                                               "sdxl: alignprop K=1"]
     assert by_name["trl 0.23.1 comparison (bench_trl.py)"]["status"] in ("ok", "skipped")
 
-    text = bench.render(records)
+    text = bench_gpu.render(records)
     lines = text.splitlines()
     table = [line for line in lines if line.startswith("| ") and not line.startswith("| measurement")]
     assert len(table) == len(rows)
@@ -150,16 +159,16 @@ def test_gpu_suite_runs_every_part_on_the_tiny_models(tmp_path):
     for part in (header["date"], "driver n/a", f"torch {torch.__version__}", "diffusers ", "transformers "):
         assert part in first
     assert "| measurement | value | MFU | peak memory | goal | met? |" in lines
-    assert bench.main(bench.cli(["table", str(out)])) == text  # the table command reads the JSON lines back
+    assert bench_gpu.main(bench_gpu.cli(["table", str(out)])) == text  # the table command reads them back
 
 
 def test_suite_with_no_budget_left_skips_every_part(tmp_path):
     out = tmp_path / "suite.jsonl"
-    records = bench.main(bench.cli(["gpu-tiny", "--budget-s", "0", "--out", str(out)]))
+    records = suite(["--budget-s", "0", "--out", str(out)])
     rows = measurements(records)
-    assert [r["part"] for r in rows] == list(bench.PART_SECONDS)
+    assert [r["part"] for r in rows] == list(bench_gpu.PART_SECONDS)
     assert all(r["status"] == "skipped" and r["error"].startswith("budget: 0 s left") for r in rows)
-    assert text_rows(bench.render(records)) == len(rows)
+    assert text_rows(bench_gpu.render(records)) == len(rows)
 
 
 def text_rows(text):
@@ -183,24 +192,24 @@ def test_suite_records_a_failing_part_and_runs_the_next(tmp_path, monkeypatch):
     def run_part(run):
         ran.append(1)
         return "diffexp"
-    monkeypatch.setitem(bench.PARTS, "sweep", boom)
-    monkeypatch.setitem(bench.PARTS, "ddpo", oom)
-    monkeypatch.setitem(bench.PARTS, "diffexp", fine)
+    monkeypatch.setitem(bench_gpu.PARTS, "sweep", boom)
+    monkeypatch.setitem(bench_gpu.PARTS, "ddpo", oom)
+    monkeypatch.setitem(bench_gpu.PARTS, "diffexp", fine)
     out = tmp_path / "suite.jsonl"
-    records = measurements(bench.main(bench.cli(["gpu-tiny", "--out", str(out), "--parts", "sweep", "ddpo", "diffexp"])))
+    records = measurements(suite(["--out", str(out), "--parts", "sweep", "ddpo", "diffexp"]))
     assert [(r["part"], r["status"], r["error"]) for r in records] == [
         ("sweep", "error", "RuntimeError: boom"), ("ddpo", "error", "out of memory"), ("diffexp", "ok", None)]
-    assert "| sweep | error: RuntimeError: boom |" in bench.render(records)
+    assert "| sweep | error: RuntimeError: boom |" in bench_gpu.render(records)
 
     def slow(run):
         time.sleep(0.3)
-    monkeypatch.setitem(bench.PARTS, "sweep", slow)
-    records = measurements(bench.main(bench.cli(["gpu-tiny", "--out", str(out), "--budget-s", "0.2",
-                                                 "--parts", "sweep", "diffexp", "trl"])))
+    monkeypatch.setitem(bench_gpu.PARTS, "sweep", slow)
+    records = measurements(suite(["--out", str(out), "--budget-s", "0.2", "--parts", "sweep", "diffexp",
+                                  "trl"]))
     assert [(r["part"], r["status"]) for r in records] == [("diffexp", "skipped"), ("trl", "skipped")]
     assert all("budget" in r["error"] for r in records)
-    records = measurements(bench.main(bench.cli(["gpu-tiny", "--out", str(out), "--budget-s", "60", "--estimate-scale", "1",
-                                                 "--parts", "diffexp", "trl"])))  # diffexp's 25 s fit, trl's 130 do not
+    records = measurements(suite(["--out", str(out), "--budget-s", "60", "--estimate-scale", "1",
+                                  "--parts", "diffexp", "trl"]))  # diffexp's 25 s fit, trl's 130 do not
     assert [(r["part"], r["status"]) for r in records] == [("diffexp", "ok"), ("trl", "skipped")]
     assert records[1]["error"].endswith("needs ~130 s") and len(ran) == 2
 
@@ -208,16 +217,16 @@ def test_suite_records_a_failing_part_and_runs_the_next(tmp_path, monkeypatch):
 def test_sweep_config_stopped_at_the_deadline_is_an_error_record(tmp_path, monkeypatch):
     """A compiled configuration runs in a child process with the time left as its limit; stopped there,
     it is an error record and the sweep goes on."""
-    def child(fn, payload, timeout=None):
-        assert fn == "compile_child" and payload["mode"] == "max-autotune-no-cudagraphs"
+    def child(target, payload, timeout=None):
+        assert target == "bench_gpu.compile_child" and payload["mode"] == "max-autotune-no-cudagraphs"
         timeouts.append(timeout)
         raise subprocess.TimeoutExpired("python", timeout)
     timeouts = []
-    monkeypatch.setattr(bench, "child", child)
+    monkeypatch.setattr(bench_gpu, "child", child)
     for budget in (100, 1000):  # the time left, or the cap (180 s) when less
-        suite = bench.cli(["gpu-tiny", "--out", str(tmp_path / "s.jsonl"), "--budget-s", str(budget)])
-        run = bench.Run(suite, time.monotonic())
-        assert bench.sweep_measure(run, "compile-modes", 4, "max-autotune-no-cudagraphs") is None
+        cfg = bench_gpu.cli(["run-tiny", "--out", str(tmp_path / "s.jsonl"), "--budget-s", str(budget)])
+        run = bench_gpu.Run(cfg, time.monotonic())
+        assert bench_gpu.sweep_measure(run, "compile-modes", 4, "max-autotune-no-cudagraphs") is None
         assert [(r["status"], r["error"]) for r in run.records] == [
             ("error", f"stopped after {timeouts[-1]:.0f} s (the compile cap or the deadline)")]
     assert 99 < timeouts[0] <= 100 and timeouts[1] == 180
@@ -226,7 +235,7 @@ def test_sweep_config_stopped_at_the_deadline_is_an_error_record(tmp_path, monke
 
 def test_child_time_limit():
     with pytest.raises(subprocess.TimeoutExpired):
-        bench.child("compile_child", {}, timeout=0.5)
+        bench.child("bench_gpu.compile_child", {}, timeout=0.5)
 
 
 def test_load_models_draws_in_a_device_context_with_the_scheduler_on_the_host(tiny):
@@ -239,18 +248,34 @@ def test_load_models_draws_in_a_device_context_with_the_scheduler_on_the_host(ti
         assert torch.equal(p, q), name
 
 
+def test_trainer_child_hands_the_trainer_its_loader(monkeypatch):
+    """A trainer whose main takes a loader gets bench.load_models (random weights drawn on the device);
+    nothing of diffusion is replaced. On a CPU the peak memory is the process's peak RSS."""
+    seen = {}
+
+    def main(cfg, load_models=diffusion.load_models):
+        seen.update(cfg=cfg, loader=load_models)
+    trainer = types.ModuleType("a_trainer")
+    trainer.cli, trainer.main = (lambda args: tuple(args)), main
+    monkeypatch.setitem(sys.modules, "a_trainer", trainer)
+    loader = diffusion.load_models
+    peak = bench_gpu.trainer_child(dict(trainer="a_trainer", args=["--flag"]))
+    assert seen == dict(cfg=("--flag",), loader=bench.load_models) and diffusion.load_models is loader
+    assert peak["peak_mem_mb"] > 0 and peak["memory_method"] == "peak RSS of the process"
+
+
 def test_suite_stopped_from_outside_still_writes_its_footer(tmp_path, monkeypatch):
     """SIGTERM (what `timeout` sends) ends the run: the part it stopped is an error record, the footer and
     the table are still written."""
     def stopped(run):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this ends
-    monkeypatch.setitem(bench.PARTS, "sweep", stopped)
+    monkeypatch.setitem(bench_gpu.PARTS, "sweep", stopped)
     out = tmp_path / "suite.jsonl"
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit):
-        bench.main(bench.cli(["gpu-tiny", "--out", str(out), "--parts", "sweep", "diffexp"]))
+        suite(["--out", str(out), "--parts", "sweep", "diffexp"])
     assert signal.getsignal(signal.SIGTERM) is before  # the handler was the run's only
-    records = bench.read_jsonl(str(out))
+    records = read_metrics(str(out))
     assert [(r["part"], r["status"]) for r in records] == [("header", "ok"), ("sweep", "error"), ("footer", "ok")]
     assert "SIGTERM" in records[1]["error"]

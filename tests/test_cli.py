@@ -90,6 +90,11 @@ def test_empty_runs_are_errors(tmp_path, trainer, small):
     ("lora", "rank", 0, "--lora.rank 0"),
     ("lora", "alpha", 0.0, "--lora.alpha 0.0"),
     ("lora", "targets", (), "--lora.targets"),
+    ("eval", "every", -1, "--eval.every -1"),
+    ("eval", "samples_per_prompt", 0, "--eval.samples-per-prompt 0"),
+    ("eval", "batch_size", 0, "--eval.batch-size 0"),
+    ("log", "keep_checkpoints", 0, "--log.keep-checkpoints 0"),
+    ("log", "grid_size", 0, "--log.grid-size 0"),
 ])
 @pytest.mark.parametrize("trainer, small", [(train_ddpo, small_ddpo), (train_alignprop, small_alignprop)])
 def test_shared_settings_are_checked_before_anything_runs(tmp_path, trainer, small, group, field, value, flag):
@@ -98,6 +103,50 @@ def test_shared_settings_are_checked_before_anything_runs(tmp_path, trainer, sma
     with pytest.raises(ConfigError, match=re.escape(flag)):
         trainer.main(cfg)
     assert not os.path.exists(cfg.run_dir)  # refused before the run folder is made
+
+
+@pytest.mark.parametrize("trainer, small", [(train_ddpo, small_ddpo), (train_alignprop, small_alignprop)])
+def test_failed_start_up_leaves_no_run_folder(tmp_path, trainer, small):
+    """Mistakes found only while loading (an empty prompt file, an unknown model, LoRA targets the model lacks)
+    come before the run folder is made, so the evaluate globs never meet a folder without a run in it."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    for kw, message in ((dict(prompts=str(empty)), "empty.txt"), (dict(model="no-such-model"), "--model"),
+                        (dict(lora=scaffold.LoRAConfig(targets=("no_such_layer",))), "no_such_layer")):
+        with pytest.raises(Exception, match=re.escape(message)):
+            trainer.main(small(tmp_path, **kw))
+        assert not os.path.exists(small(tmp_path).run_dir), kw
+
+
+def test_run_folder_mistakes_are_refused(tmp_path):
+    """A fresh start in a folder that holds a run would erase its metrics: refused, naming --resume auto.
+    A --run-dir that is a file is refused too; --threads must be >= 0."""
+    run = train_ddpo.main(small_ddpo(tmp_path))
+    before = {p: os.path.getmtime(os.path.join(run, p)) for p in ("metrics.jsonl", "config.json")}
+    with pytest.raises(ConfigError, match="already holds a run.*--resume auto"):
+        train_ddpo.main(small_ddpo(tmp_path))
+    assert before == {p: os.path.getmtime(os.path.join(run, p)) for p in before}
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        train_ddpo.main(small_ddpo(tmp_path, run_dir=str(tmp_path / "file")))
+    with pytest.raises(ConfigError, match="--threads -1"):
+        train_ddpo.main(small_ddpo(tmp_path / "t", threads=-1))
+
+
+def test_threads_flag_sets_torch_threads(monkeypatch):
+    """--threads N sets torch's threads; 0 keeps OMP_NUM_THREADS when set, else divides this process's cores
+    among torchrun's processes on the machine."""
+    before = torch.get_num_threads()
+    try:
+        assert common.set_threads(3) == 3 and torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert common.set_threads(0) == torch.get_num_threads() == 3  # left as it is
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        cores = len(os.sched_getaffinity(0))
+        assert common.set_threads(0) == max(1, cores // 2) == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- logs
@@ -207,3 +256,13 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path, trainer, small):
     assert trainer.main(small(tmp_path / "auto", num_epochs=2, resume="auto")) == auto  # nothing to do
     with pytest.raises(ConfigError, match="finished its 2 epochs"):
         trainer.main(small(tmp_path / "auto", num_epochs=2, resume=auto))
+
+
+def test_toy_presets_use_the_mapped_t_thres():
+    """The trainers' toy presets use the paper's t_thres 800 mapped to the toy model's schedule by noise level
+    (toy_pretrain.snr_matched_t: the nearest alpha_bar, 569; the presets round it to 570)."""
+    import toy_pretrain
+    for trainer in (train_ddpo, train_alignprop):
+        assert trainer.TOY_T_THRES == toy_pretrain.T_THRES and abs(trainer.TOY_T_THRES - toy_pretrain.snr_matched_t(800)) <= 1
+        for preset in ("toy", "toy-classifier"):
+            assert trainer.PRESETS[preset][1].explore.t_thres == trainer.TOY_T_THRES

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import scaffold
@@ -48,3 +47,32 @@ def test_two_processes_equal_one(tmp_path, script, port):
     diff = max((one[k] - two[k]).abs().max().item() for k in one)
     assert diff <= 1e-3, diff
     assert m1[1]["reward_mean"] == pytest.approx(m2[1]["reward_mean"], abs=1e-4)
+
+
+DRIVER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import scaffold, {trainer}
+run_dir = {trainer}.main({trainer}.cli({args!r}))
+# every process returns only after process 0 has written the last checkpoint (the barrier of Run.close)
+ckpt = scaffold.latest_checkpoint(run_dir)
+epochs = [r["epoch"] for r in scaffold.read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
+with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".txt"), "w") as f:
+    f.write(f"returned with {{os.path.basename(ckpt or 'none')}} {{epochs}}")
+"""
+
+
+@pytest.mark.parametrize("trainer, port", [("train_ddpo", 29614), ("train_alignprop", 29615)])
+def test_every_process_returns_after_the_last_checkpoint(tmp_path, trainer, port):
+    """The shared tail (scaffold.Run) under torchrun x2: process 0 evaluates, draws, logs and checkpoints the
+    last epoch while process 1 has nothing left to do; both must return with that checkpoint on disk."""
+    args = ["tiny", "--num-epochs", "2", "--run-dir", str(tmp_path / "run"), "--eval.every", "1",
+            "--eval.samples-per-prompt", "1", *FLAGS[trainer + ".py"]]
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=ROOT, trainer=trainer, args=args, out=str(tmp_path)))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          str(driver)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "returned with 000002 [-1, 0, 1]", rank

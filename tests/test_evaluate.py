@@ -1,7 +1,7 @@
 """evaluate.py: score (shared seeds across checkpoints, outputs), sample (labelled grids per prompt, the same
-noise per seed for every checkpoint), diversity, compare (known curves, sample efficiency), heldout_score
-(deterministic, leaves RNG and UNet mode alone) and the start-up errors.
-Tiny offline model, 2 DDIM steps, 2 prompts x 2 seeds."""
+noise per seed for every checkpoint), --checkpoints patterns (failed runs skipped), diversity, heldout_score
+(deterministic, leaves RNG and UNet mode alone), the trainers' evaluation and the start-up errors.
+Tiny offline model, 2 DDIM steps, 2 prompts x 2 seeds. (compare.py: test_compare.py.)"""
 
 import json
 import math
@@ -188,6 +188,7 @@ def test_checkpoint_patterns_are_expanded_with_their_labels(tmp_path):
     the folder's name appended; a log file beside the runs is skipped; no match names the pattern."""
     for name in ("ap-s1", "ap-s0"):
         (tmp_path / name).mkdir()
+        (tmp_path / name / lora.WEIGHT_NAME).write_bytes(b"")  # found by name; not read here
     (tmp_path / "ap-s0.log").write_text("")
     pattern = str(tmp_path / "ap-*")
     assert evaluate.expand_checkpoints(["base", f"tuned={pattern}"]) == \
@@ -196,6 +197,41 @@ def test_checkpoint_patterns_are_expanded_with_their_labels(tmp_path):
     assert evaluate.expand_checkpoints([pattern]) == [str(tmp_path / "ap-s0"), str(tmp_path / "ap-s1")]
     with pytest.raises(ConfigError, match=r"nothing-\*"):
         evaluate.expand_checkpoints([f"x={tmp_path / 'nothing-*'}"])
+
+
+def test_a_pattern_skips_failed_runs_but_a_named_one_fails(tmp_path, lora_models, capsys):
+    """A run that failed before its first checkpoint leaves a folder with config.json only: a pattern skips it
+    (one line naming it) and keeps the rest; named outright it is an error; a pattern that matches only such
+    folders is an error naming the pattern. sample and score both go through expand_checkpoints."""
+    runs = tmp_path / "runs"
+    make_checkpoint(lora_models, runs / "ap-s0" / "checkpoints" / "000002", seed=0)
+    for name in ("ap-s1", "ap-s2"):  # failed runs
+        (runs / name).mkdir(parents=True)
+        (runs / name / "config.json").write_text("{}")
+    assert evaluate.expand_checkpoints([f"tuned={runs}/ap-*"]) == [f"tuned={runs / 'ap-s0'}"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"--checkpoints tuned={runs}/ap-*: skipped {runs / name}: no LoRA checkpoint (a failed run?)"
+        for name in ("ap-s1", "ap-s2")]
+    with pytest.raises(ConfigError, match=r"ap-s\[12\].* matches no run or checkpoint with LoRA weights"):
+        evaluate.expand_checkpoints([f"{runs}/ap-s[12]"])
+    summary = evaluate.main(["sample", "--checkpoints", f"tuned={runs}/ap-*", "--prompts", "a cat",
+                             "--seeds", "1", "--out", str(tmp_path / "samples")])
+    assert list(summary["checkpoints"]) == ["tuned"]
+    assert "skipped" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="no LoRA checkpoint at .*ap-s1"):
+        evaluate.main(["sample", "--checkpoints", f"tuned={runs}/ap-s1", "--prompts", "a cat",
+                       "--out", str(tmp_path / "samples")])
+    with pytest.raises(ConfigError, match="no LoRA checkpoint at .*ap-s2"):
+        evaluate.main(["score", "--checkpoints", str(runs / "ap-s2"), "--model", "tiny",
+                       "--out", str(tmp_path)])
+
+
+def test_lora_applied_fails_naming_a_file_without_lora(tmp_path):
+    from safetensors.torch import save_file
+    path = str(tmp_path / "other.safetensors")
+    save_file({"w": torch.zeros(2)}, path)
+    with pytest.raises(ConfigError, match="other.safetensors hold no LoRA tensors"):
+        evaluate.lora_applied(torch.nn.Linear(2, 2), path)
 
 
 # ---- diversity
@@ -245,93 +281,7 @@ def test_heldout_score_is_deterministic_and_leaves_rng_and_mode_alone(lora_model
     assert evaluate.heldout_score(models, prompts, reward_fn, seed=8, **kw)["heldout_reward_mean"] != a["heldout_reward_mean"]
 
 
-# ---- compare
-
-
-def write_run(folder, queries, values, reward="jpeg-compressibility"):
-    os.makedirs(folder)
-    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
-        for epoch, (q, v) in enumerate(zip(queries, values)):
-            f.write(json.dumps({"epoch": epoch, "reward_queries": q, "reward_mean": v, "reward_std": 0.1}) + "\n")
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({"reward": {"name": reward}}, f)
-
-
-@pytest.fixture
-def linear_runs(tmp_path):
-    """Rewards linear in the queries, offset to negative values, 2 seeds (+-0.1) per group: the baseline
-    gains 0.001 per query, DiffExp 0.002."""
-    queries = [100 * k for k in range(1, 11)]
-    for group, slope in (("base", 0.001), ("dx", 0.002)):
-        for seed, offset in (("a", 0.1), ("b", -0.1)):
-            write_run(tmp_path / "runs" / f"{group}-{seed}", queries, [-5 + slope * q + offset for q in queries])
-    return tmp_path / "runs"
-
-
-def test_compare_finds_the_known_queries_to_threshold(linear_runs, tmp_path):
-    out = tmp_path / "cmp.png"
-    (linear_runs / "dx-a.log").write_text("a training log beside its run folder: the glob skips it\n")
-    summary = evaluate.main(["compare", "--groups", f"diffexp={linear_runs}/dx-*",
-                             f"baseline={linear_runs}/base-a,{linear_runs}/base-b", "--out", str(out)])
-    # r0 = -5 + 0.1, r_final = -5 + 1.0: threshold = r0 + 0.9 * 0.9 = -5 + 0.91
-    assert summary["threshold"] == pytest.approx(-5 + 0.91)
-    base, dx = summary["groups"]["baseline"], summary["groups"]["diffexp"]
-    assert base["queries_to_threshold"] == pytest.approx(910)
-    assert dx["queries_to_threshold"] == pytest.approx(455)
-    assert dx["queries_to_threshold_per_run"] == pytest.approx([405, 505])  # offsets +0.1, -0.1; not the .log
-    assert dx["runs"] == [str(linear_runs / "dx-a"), str(linear_runs / "dx-b")]
-    assert dx["speedup"] == pytest.approx(2.0)
-    assert dx["final_mean"] == pytest.approx(-3.0) and dx["final_std"] == pytest.approx(0.2 / math.sqrt(2))
-    assert out.stat().st_size > 0
-    assert json.loads((tmp_path / "cmp.json").read_text())["groups"]["diffexp"]["queries_to_threshold"] == pytest.approx(455)
-
-    # a trailing 3-record moving average delays a linear curve by one record (100 queries)
-    smoothed = evaluate.main(["compare", "--groups", f"diffexp={linear_runs}/dx-*", f"baseline={linear_runs}/base-*",
-                              "--smooth", "ma", "--smooth-window", "3", "--out", str(out)])
-    assert smoothed["threshold"] == pytest.approx(-5 + 0.1 + 0.9 * 0.8)
-    assert smoothed["groups"]["baseline"]["queries_to_threshold"] == pytest.approx(920)
-    assert smoothed["groups"]["diffexp"]["queries_to_threshold"] == pytest.approx(510)
-
-
-def test_compare_bootstrap_interval_over_seeds(tmp_path):
-    """5 seeds per arm with known per-seed queries to the threshold: DiffExp's are exactly half the baseline's,
-    so the ratio of the arms' means is 2 and its bootstrap interval holds 2; an arm that never reaches the
-    threshold is counted at its budget and reported as not reached."""
-    queries = [0] + [100 * k for k in range(1, 21)]  # a record at 0 queries (the evaluation before training)
-    slopes = [0.00095, 0.00098, 0.001, 0.00102, 0.00105]  # every seed reaches the threshold within 2000 queries
-    for group, factor in (("base", 1), ("dx", 2), ("slow", 0.05)):
-        for k, slope in enumerate(slopes):
-            write_run(tmp_path / f"{group}-s{k}", queries, [-5 + factor * slope * q for q in queries])
-    summary = evaluate.main(["compare", "--groups", f"dx={tmp_path}/dx-s*", f"slow={tmp_path}/slow-s*",
-                             f"base={tmp_path}/base-s*", "--metric", "reward_mean", "--out", str(tmp_path / "c.png")])
-    threshold = summary["threshold"]  # r0 = -5, r_final = -5 + 0.001 * 2000: threshold = -5 + 1.8
-    assert threshold == pytest.approx(-5 + 1.8)
-    base, dx, slow = (summary["groups"][g] for g in ("base", "dx", "slow"))
-    assert base["queries_to_threshold_per_run"] == pytest.approx([1.8 / s for s in slopes])
-    assert dx["queries_to_threshold_per_run"] == pytest.approx([0.9 / s for s in slopes])
-    assert dx["speedup_per_run"] == pytest.approx(2.0) and dx["not_reached"] == 0
-    lo, hi = dx["speedup_ci95"]
-    assert lo < 2.0 < hi and hi - lo < 0.3
-    assert base["speedup_per_run"] == pytest.approx(1.0)
-    assert slow["not_reached"] == 5 and slow["queries_to_threshold_per_run"] == [2000] * 5
-    assert slow["speedup_per_run"] == pytest.approx(sum(1.8 / s for s in slopes) / 5 / 2000)
-    assert evaluate.bootstrap_ratio([4.0, 4.0, 4.0], [2.0, 2.0]) == (2.0, 2.0, 2.0)  # no spread: a point
-
-
-def test_compare_errors_name_the_run_or_flag(linear_runs, tmp_path):
-    out = ["--out", str(tmp_path / "cmp.png")]
-    (linear_runs / "no-metrics").mkdir()
-    with pytest.raises(ConfigError, match="no-metrics"):
-        evaluate.main(["compare", "--groups", f"x={linear_runs}/no-metrics", *out])
-    write_run(linear_runs / "empty", [], [])
-    with pytest.raises(ValueError, match="no records"):
-        evaluate.main(["compare", "--groups", f"x={linear_runs}/empty", *out])
-    with pytest.raises(ConfigError, match="nothing-like-this"):
-        evaluate.main(["compare", "--groups", f"x={linear_runs}/nothing-like-this*", *out])
-    with pytest.raises(ValueError, match="LABEL=RUN"):
-        evaluate.main(["compare", "--groups", str(linear_runs / "dx-a"), *out])
-    with pytest.raises(ValueError, match="--baseline"):
-        evaluate.main(["compare", "--groups", f"x={linear_runs}/dx-a", "--baseline", "y", *out])
+# ---- the trainers' evaluation
 
 
 def test_trainers_evaluate_the_plain_policy_before_and_during_training(tmp_path):

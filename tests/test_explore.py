@@ -82,12 +82,13 @@ def test_weights_cover_the_range_and_phrases_uniformly():
 def test_explore_batch_off_is_plain():
     h = _hidden()
     ts = SD_TIMESTEPS
-    cond, w, weights = explore.explore_batch(ExploreConfig(diffexp=False), h, POSITIONS, ts, 5.0, 0.0, torch.Generator())
-    assert torch.equal(cond, h) and torch.all(w == 5.0) and torch.all(weights == 1)
-    cond, w, weights = explore.explore_batch(ExploreConfig(), h, POSITIONS, ts, 5.0, 0.9, torch.Generator())
+    cond, w = explore.explore_batch(ExploreConfig(diffexp=False), h, POSITIONS, ts, 5.0, 0.0, torch.Generator())
+    assert torch.equal(cond, h) and torch.all(w == 5.0)
+    cond, w = explore.explore_batch(ExploreConfig(), h, POSITIONS, ts, 5.0, 0.9, torch.Generator())
     assert torch.equal(cond, h) and torch.all(w == 5.0)  # past explore_until
-    cond, w, weights = explore.explore_batch(ExploreConfig(), h, POSITIONS, ts, 5.0, 0.1, torch.Generator().manual_seed(0))
-    assert not torch.equal(cond, h) and (w == 1.0).any() and (weights > 1).all()
+    cond, w = explore.explore_batch(ExploreConfig(), h, POSITIONS, ts, 5.0, 0.1, torch.Generator().manual_seed(0))
+    weighted = explore.weight_prompts(h, POSITIONS, ExploreConfig(), torch.Generator().manual_seed(0))[0]
+    assert torch.equal(cond, weighted) and not torch.equal(cond, h) and (w == 1.0).any()
 
 
 def test_same_generator_same_draws():

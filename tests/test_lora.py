@@ -1,4 +1,5 @@
-"""Tests for lora.py: the LoRA formula, injection, save / load round trip, diffusers compatibility, merge."""
+"""Tests for lora.py: the LoRA formula, injection, save / load round trip, diffusers compatibility, merge,
+remove (undoing inject), reading a file's settings and applying a file for a while."""
 
 import copy
 import os
@@ -144,3 +145,77 @@ def test_load_errors(lora_models, tmp_path):
         assert str(bad) in str(e.value)
     with pytest.raises(FileNotFoundError, match="missing"):
         lora.load(models.unet, str(tmp_path / "missing"))
+
+
+def test_remove_restores_the_original_modules_and_outputs(tiny):
+    """remove puts back the very nn.Linear objects inject wrapped (weights untouched): the same modules, the
+    same output as before inject; a model without LoRA is left as it is; merged layers are refused."""
+    unet = copy.deepcopy(tiny.unet)
+    before = dict(unet.named_modules())
+    expected = unet_out(unet)
+    lora.inject(unet, rank=4)
+    for layer in lora.lora_layers(unet).values():
+        with torch.no_grad():
+            layer.lora_B.weight.fill_(0.1)  # the LoRA changes the output while it is in
+    assert not torch.allclose(unet_out(unet), expected, atol=1e-3)
+    lora.remove(unet)
+    assert not lora.lora_layers(unet)
+    after = dict(unet.named_modules())
+    assert after.keys() == before.keys() and all(after[n] is m for n, m in before.items())
+    assert torch.equal(unet_out(unet), expected)
+    lora.remove(unet)  # nothing to remove
+    assert dict(unet.named_modules()).keys() == before.keys()
+
+    lora.inject(unet, rank=4)
+    lora.merge(unet)
+    with pytest.raises(ValueError, match="merged"):
+        lora.remove(unet)
+    assert lora.lora_layers(unet)  # refused before anything changed
+
+
+@pytest.mark.parametrize("targets, rank, alpha", [(lora.DEFAULT_TARGETS, 4, None),
+                                                  (("to_q", "to_out.0"), 2, 6)])
+def test_read_settings_returns_what_inject_and_save_wrote(tiny, tmp_path, targets, rank, alpha):
+    unet = copy.deepcopy(tiny.unet)
+    lora.inject(unet, targets, rank, alpha)
+    path = lora.save(unet, str(tmp_path))
+    settings = lora.read_settings(str(tmp_path))
+    assert settings == lora.Settings(rank=rank, alpha=float(rank if alpha is None else alpha),
+                                     targets=tuple(sorted(targets)))
+    assert lora.read_settings(path) == settings  # the file as well as its folder
+    again = copy.deepcopy(tiny.unet)
+    lora.inject(again, settings.targets, settings.rank, settings.alpha)
+    lora.load(again, path)  # strict: the settings rebuild exactly the saved layers
+    assert sorted(lora.lora_layers(again)) == sorted(lora.lora_layers(unet))
+
+
+def test_read_settings_errors_name_the_file(tmp_path):
+    from safetensors.torch import save_file
+    with pytest.raises(FileNotFoundError, match="missing"):
+        lora.read_settings(str(tmp_path / "missing"))
+    other = str(tmp_path / "other.safetensors")
+    save_file({"unet.x.weight": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="other.safetensors hold no LoRA tensors"):
+        lora.read_settings(other)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a safetensors file" * 10)
+    with pytest.raises(RuntimeError, match="corrupt.safetensors are unreadable"):
+        lora.read_settings(str(corrupt))
+
+
+def test_applied_loads_a_file_for_a_while_and_removes_it(lora_models, tiny, tmp_path):
+    """Inside `applied` the model computes what the saved model computed; after it, error or not, the model
+    holds its original modules again."""
+    models, _ = lora_models(rank=2, alpha=6)
+    path = lora.save(models.unet, str(tmp_path))
+    unet = copy.deepcopy(tiny.unet)
+    before = dict(unet.named_modules())
+    with lora.applied(unet, path) as same:
+        assert same is unet and len(lora.lora_layers(unet)) == len(lora.lora_layers(models.unet))
+        assert torch.equal(unet_out(unet), unet_out(models.unet))
+    assert all(dict(unet.named_modules())[n] is m for n, m in before.items()) and not lora.lora_layers(unet)
+    assert torch.equal(unet_out(unet), unet_out(tiny.unet))
+    with pytest.raises(KeyError):
+        with lora.applied(unet, path):
+            raise KeyError("an error inside")
+    assert not lora.lora_layers(unet)

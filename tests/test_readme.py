@@ -14,7 +14,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("train_ddpo.py", "train_alignprop.py", "evaluate.py", "bench.py", "toy.py")
+SCRIPTS = ("train_ddpo.py", "train_alignprop.py", "evaluate.py", "compare.py", "bench.py", "bench_gpu.py", "toy.py",
+           "toy_pretrain.py")
 GPU = re.compile(r"\b(sd15|sdxl|sd15-gpu|sdxl-gpu|cuda|nproc_per_node=8)\b|--model /|/path/to/")
 
 # flags appended to a cheap command, by script and first argument (the preset or subcommand)
@@ -26,7 +27,7 @@ SHRINK = {
                                   "--eval.samples-per-prompt 1 --log.save-every 1",
     ("evaluate.py", "sample"): "--num-steps 2",
     ("evaluate.py", "score"): "--num-steps 2 --samples-per-prompt 1",
-    ("evaluate.py", "compare"): "",
+    ("compare.py", None): "",
     ("bench.py", None): "--stages sample --burn-in 0 --iters 1",
     ("toy.py", "eval"): "--per-caption 1 --num-steps 2 --threads 1",
     ("toy.py", "pretrain"): "--steps 2 --out pretrained-toy",

@@ -66,18 +66,22 @@ def test_nan_reward_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, monkey
            [r["reward_mean"] for r in scaffold.read_metrics(os.path.join(resumed, "metrics.jsonl"))]
 
 
-def test_failing_reward_model_keeps_the_samples(tmp_path, monkeypatch):
+@pytest.mark.parametrize("trainer, small, scored", [(train_ddpo, small_ddpo, 8), (train_alignprop, small_alignprop, 2)])
+def test_failing_reward_model_keeps_the_samples(tmp_path, monkeypatch, trainer, small, scored):
+    """The samples the reward model failed on are saved, in both trainers: DDPO's whole epoch on this process
+    (2 batches of 4), AlignProp's micro-batch (2)."""
     def broken(*args, **kwargs):
         def reward(images, prompts):
             raise RuntimeError("out of memory (simulated)")
         return reward
     monkeypatch.setattr(rewards, "make_reward", broken)
-    cfg = small_ddpo(tmp_path)
+    cfg = small(tmp_path)
     with pytest.raises(RuntimeError, match="samples are saved in") as e:
-        train_ddpo.main(cfg)
+        trainer.main(cfg)
     path = str(e.value).rsplit(" in ", 1)[1].rstrip(".")
     saved = torch.load(path)
-    assert saved["images"].shape[0] == 8 and len(saved["prompts"]) == 8
+    assert saved["images"].shape[0] == scored and len(saved["prompts"]) == scored
+    assert saved["images"].shape[1:] == (3, 32, 32) and 0 <= saved["images"].min() <= saved["images"].max() <= 1
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
@@ -103,19 +107,37 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     assert same(weights(full), weights(cut))
 
 
+def snapshot(folder) -> dict:
+    """Every file under folder -> (size, mtime, bytes)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[path] = (os.path.getsize(path), os.path.getmtime(path), f.read())
+    return out
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    """A truncated state.pt or LoRA file: one line naming the file and the way on (delete that checkpoint),
+    and the failed resume changes nothing in the run folder (config.json and metrics.jsonl included)."""
     run = train_ddpo.main(small_ddpo(tmp_path))
     ckpt = scaffold.latest_checkpoint(run)
     state = os.path.join(ckpt, "state.pt")
     with open(state, "r+b") as f:
         f.truncate(100)
-    with pytest.raises(ConfigError, match="state.pt"):
-        train_ddpo.main(dataclasses.replace(small_ddpo(tmp_path), resume=run))
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=f"state.pt.*Delete {ckpt} to resume from the checkpoint before it") as e:
+        train_ddpo.main(dataclasses.replace(small_ddpo(tmp_path), resume=run, num_epochs=2))
+    assert ".." not in str(e.value)
+    assert snapshot(run) == before
     weights_file = os.path.join(ckpt, lora.WEIGHT_NAME)
     with open(weights_file, "r+b") as f:
         f.truncate(50)
-    with pytest.raises(ConfigError, match=lora.WEIGHT_NAME):
-        train_ddpo.main(dataclasses.replace(small_ddpo(tmp_path), resume=run))
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=f"{lora.WEIGHT_NAME}.*Delete {ckpt} to resume from the checkpoint before it"):
+        train_ddpo.main(dataclasses.replace(small_ddpo(tmp_path), resume=run, num_epochs=2))
+    assert snapshot(run) == before
     with pytest.raises(ConfigError, match="--resume"):
         train_ddpo.main(dataclasses.replace(small_ddpo(tmp_path), resume=str(tmp_path / "nothing")))
 

@@ -183,7 +183,8 @@ def test_prompt_weighting_weights_both_encoders_not_the_pooled_row(sdxl):
     """At the chosen phrase's positions both encoders' feature slices (32 + 32) are multiplied by w; the
     pooled row is never touched, and the rescale keeps the mean of the 77 token rows."""
     cond, positions = diffusion.encode_prompts(sdxl, PROMPTS)
-    out, phrase, weights = explore.weight_prompts(cond, positions, ExploreConfig(rescale=False), torch.Generator().manual_seed(1))
+    out, phrase, weights = explore.weight_prompts(cond, positions, ExploreConfig(rescale=False), torch.Generator().manual_seed(1),
+                                                   tokens=77)
     assert out.shape == cond.shape and torch.equal(out[:, 77], cond[:, 77])
     for b in range(3):
         chosen = positions[b][phrase[b]]
@@ -191,7 +192,7 @@ def test_prompt_weighting_weights_both_encoders_not_the_pooled_row(sdxl):
         for features in (slice(0, 32), slice(32, 64)):  # encoder 1, encoder 2
             torch.testing.assert_close(out[b, chosen, features], cond[b, chosen, features] * weights[b])
         assert torch.equal(out[b, others], cond[b, others])
-    out, _, _ = explore.weight_prompts(cond, positions, ExploreConfig(), torch.Generator().manual_seed(1))
+    out, _, _ = explore.weight_prompts(cond, positions, ExploreConfig(), torch.Generator().manual_seed(1), tokens=77)
     assert torch.equal(out[:, 77], cond[:, 77])
     torch.testing.assert_close(out[:, :77].mean(dim=(1, 2)), cond[:, :77].mean(dim=(1, 2)), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out, cond)

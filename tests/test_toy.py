@@ -1,4 +1,5 @@
-"""The toy world (toy.py): the generator, the toy rewards, the prompt files, and the shipped toy model."""
+"""The toy world (toy.py, toy_pretrain.py): the generator, the toy rewards, the prompt files, pretraining, and the
+shipped toy model."""
 
 import dataclasses
 import os
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 import scaffold
 import lora
 import toy
+import toy_pretrain
 import train_alignprop
 import train_ddpo
 from diffusion import ddim_step, encode_text, load_models, load_prompts, phrase_positions, sample
@@ -115,9 +117,93 @@ def test_aesthetic_reward_prefers_the_low_key_configuration():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+DIAL = [f"toy-dial-{level}" for level in toy.DIAL_LEVELS]  # dense, medium, sparse
+
+
+def dial_scores(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: toy.TOY_REWARDS[name]()(images, [""] * len(images)) for name in DIAL + ["toy-dial-success"]}
+
+
+def preferred_images(n: int, generator: torch.Generator) -> torch.Tensor:
+    """The dial's preferred configuration, rendered by the world: radius AESTHETIC_RADIUS, the centroid on each
+    thirds point in turn (a triangle's centroid sits a third of its half-height below its box's centre)."""
+    a = toy.sample_attributes(n, generator)
+    points = torch.tensor([[32 / 3, 32 / 3], [64 / 3, 32 / 3], [32 / 3, 64 / 3], [64 / 3, 64 / 3]]).repeat(n // 4 + 1, 1)[:n]
+    radius = torch.full((n,), toy.AESTHETIC_RADIUS)
+    lift = torch.where(a["shape"] == 2, toy.half_extent(radius) / 3, 0.0)
+    return toy.render({**a, "radius": radius, "centre": points - torch.stack([torch.zeros(n), lift], 1)})
+
+
+def cfg5_like_images(n: int, generator: torch.Generator) -> torch.Tensor:
+    """World images in CFG 5's common configuration: a large shape (radius 7.5 .. 9.5) near the centre."""
+    a = toy.sample_attributes(n, generator)
+    radius = 7.5 + 2 * torch.rand(n, generator=generator)
+    return toy.render({**a, "radius": radius, "centre": 16 + 6 * (torch.rand(n, 2, generator=generator) - 0.5)})
+
+
+def test_dial_rewards_score_one_preferred_configuration_at_every_level():
+    """The preferred image scores high, and at or above its success level, at every level, and succeeds; CFG 5's
+    common configuration scores a real amount at the dense end and about 0 at the sparse end; noise and
+    blown-out frames score 0; scores lie in [0, 1], ordered dense >= medium >= sparse."""
+    g = torch.Generator().manual_seed(0)
+    best = dial_scores(preferred_images(24, g))
+    for name in DIAL:
+        assert best[name].min() > 0.75 and (best[name] >= toy.DIAL_SUCCESS_LEVELS[name]).all()
+    assert best["toy-dial-success"].eq(1).all()
+    common_ = dial_scores(cfg5_like_images(256, g))
+    assert common_["toy-dial-dense"].min() > 0.2 and common_["toy-dial-medium"].max() < toy.DIAL_SUCCESS_LEVELS["toy-dial-medium"]
+    assert common_["toy-dial-sparse"].max() < 1e-6 and common_["toy-dial-success"].eq(0).all()
+    blank = torch.cat([torch.ones(2, 3, 32, 32), torch.zeros(2, 3, 32, 32), torch.full((2, 3, 32, 32), 0.5)])  # white, black, flat grey
+    noise = torch.cat([torch.rand(4, 3, 32, 32, generator=g), (0.5 + 0.2 * torch.randn(4, 3, 32, 32, generator=g)).clamp(0, 1)])
+    for name, r in dial_scores(blank).items():
+        assert r.eq(0).all(), name
+    for name, r in dial_scores(noise).items():
+        assert r.max() < 1e-3, name
+    world = dial_scores(toy.make_batch(2048, g)[0])
+    for scores in (best, common_, world):
+        for name in DIAL:
+            assert scores[name].dtype == torch.float32 and scores[name].min() >= 0 and scores[name].max() <= 1
+        assert (scores["toy-dial-dense"] >= scores["toy-dial-medium"]).all() and (scores["toy-dial-medium"] >= scores["toy-dial-sparse"]).all()
+    assert 0.01 < world["toy-dial-success"].mean() < 0.08  # rare in the world, but there
+    for name in DIAL:  # the world's objects are clean, so each level's success level marks exactly the successes
+        assert torch.equal((world[name] >= toy.DIAL_SUCCESS_LEVELS[name]).float(), world["toy-dial-success"]), name
+
+
+def test_dial_gradients_are_dense_at_one_end_and_vanish_at_the_other():
+    """With the soft edges of the model's samples (a rendered edge blurred by a 3x3 box), every image of CFG 5's
+    common configuration has a gradient at the dense end and none to speak of at the sparse end. (On a
+    perfectly crisp render the soft mask can be saturated at every pixel: a measurement with no gradient.)"""
+    crisp = cfg5_like_images(16, torch.Generator().manual_seed(1))
+    images = (crisp + torch.nn.functional.avg_pool2d(torch.nn.functional.pad(crisp, (1, 1, 1, 1), mode="replicate"), 3, stride=1)) / 2
+    grads = {}
+    for name in DIAL:
+        x = images.clone().requires_grad_(True)
+        toy.TOY_REWARDS[name]()(x, [""] * 16).sum().backward()
+        assert torch.isfinite(x.grad).all()
+        grads[name] = x.grad.abs().flatten(1).sum(1)  # per image
+    assert grads["toy-dial-dense"].min() > 1e-2  # every typical image is pulled towards the configuration
+    assert grads["toy-dial-sparse"].max() < 1e-6  # and none is at the sparse end
+    assert grads["toy-dial-medium"].max() < grads["toy-dial-dense"].max()
+    near = preferred_images(8, torch.Generator().manual_seed(3))  # the preferred configuration, shifted 1 px and blurred
+    near = torch.roll(near, 1, dims=-1)
+    x = ((near + torch.nn.functional.avg_pool2d(torch.nn.functional.pad(near, (1, 1, 1, 1), mode="replicate"), 3, stride=1)) / 2).requires_grad_(True)
+    toy.TOY_REWARDS["toy-dial-sparse"]()(x, [""] * 8).sum().backward()
+    assert x.grad.abs().flatten(1).sum(1).min() > 1e-2  # near it, the sparse end has a gradient too
+
+
+def test_dial_registry():
+    for name in DIAL + ["toy-dial-success"]:
+        assert name in toy.TOY_REWARDS and name in toy.DIAL_SUCCESS_LEVELS
+    assert set(DIAL) <= toy.TOY_DIFFERENTIABLE and "toy-dial-success" not in toy.TOY_DIFFERENTIABLE
+    levels = [toy.DIAL_SUCCESS_LEVELS[name] for name in DIAL]
+    assert levels == sorted(levels, reverse=True) and 0 < levels[-1]  # the sparser, the lower the score at D = 1
+    x = preferred_images(4, torch.Generator().manual_seed(2)).requires_grad_(True)
+    assert not toy.TOY_REWARDS["toy-dial-success"]()(x, [""] * 4).requires_grad
+
+
 def test_toy_t_thres_is_the_papers_mapped_by_noise_level():
-    assert abs(toy.T_THRES - toy.snr_matched_t(800)) <= 5
-    assert [abs(t - toy.snr_matched_t(t_sd)) <= 5 for t, t_sd in zip(toy.T_THRES_ABLATIONS, (900, 700))] == [True, True]
+    assert abs(toy_pretrain.T_THRES - toy_pretrain.snr_matched_t(800)) <= 5
+    assert [abs(t - toy_pretrain.snr_matched_t(t_sd)) <= 5 for t, t_sd in zip(toy_pretrain.T_THRES_ABLATIONS, (900, 700))] == [True, True]
 
 
 def test_prompt_parsing():
@@ -162,7 +248,7 @@ def test_classifier_reward_agrees_with_analytic(world):
 
 def test_pretrain_writes_a_loadable_pixel_space_model(tmp_path):
     out = str(tmp_path / "toy")
-    toy.pretrain(toy.PretrainConfig(out=out, steps=1, batch_size=4, threads=1))
+    toy_pretrain.pretrain(toy_pretrain.PretrainConfig(out=out, steps=1, batch_size=4, threads=1))
     assert sorted(os.listdir(out)) == ["scheduler", "text_encoder", "tokenizer", "training_info.json", "unet"]
     models = load_models(out)
     assert models.vae is None and models.image_size == 32 and models.latent_shape == (3, 32, 32)
@@ -190,7 +276,7 @@ def test_shipped_model_follows_guidance():
     assert models.vae is None and models.scheduler.config.clip_sample
     assert sampler_clips_x0(models.scheduler), (
         "diffusion.ddim_step must clip x0_hat to [-1, 1] (and use the eps consistent with it) when "
-        "scheduler.config.clip_sample is set, as DDPM samples pixel-space models; see toy.TOY_SCHEDULER.")
+        "scheduler.config.clip_sample is set, as DDPM samples pixel-space models; see toy_pretrain.TOY_SCHEDULER.")
     prompts = toy.all_captions() * 2  # 36 samples, every colour-shape pair twice, 10 DDIM steps, eta 1
 
     def draw(texts, w):
