@@ -214,6 +214,21 @@ def summarize(rewards: torch.Tensor, prefix: str = "reward") -> dict:
 # -----------------------------------------------------------------------------
 # Records
 
+def usable_matches(flag: str, pattern: str, found: list[str], usable, what: str, lacking: str) -> list[str]:
+    """Of the paths a glob pattern matched (found, sorted), those that pass usable(path). Each one left out is
+    named in one line (`lacking`: what it lacks; a run that failed before it wrote any is such a folder), and
+    a pattern that matches nothing, or nothing usable, is a ConfigError naming the flag and the pattern."""
+    if not found:
+        raise ConfigError(f"{flag}: the pattern {pattern!r} matches no {what}.")
+    kept = [path for path in found if usable(path)]
+    for path in found:
+        if path not in kept:
+            print0(f"{flag}: skipped {path}: no {lacking} (a failed run?)")
+    if not kept:
+        raise ConfigError(f"{flag}: the pattern {pattern!r} matches no {what} with {lacking} ({len(found)} without).")
+    return kept
+
+
 def config_value(config, dotted: str):
     """config['a']['b'] for 'a.b'; None where a part is missing."""
     for part in dotted.split("."):

@@ -78,16 +78,8 @@ def parse_groups(specs: tuple[str, ...]) -> dict[str, list[str]]:
                 runs.append(pattern)
                 continue
             found = sorted(filter(os.path.isdir, glob.glob(pattern)))
-            if not found:
-                raise ConfigError(f"--groups {label}: the pattern {pattern!r} matches no run folder.")
-            usable = [run for run in found if has_metrics(run)]
-            for run in found:
-                if run not in usable:
-                    print0(f"--groups {label}: skipped {run}: no metrics.jsonl records (a failed run?)")
-            if not usable:
-                raise ConfigError(f"--groups {label}: the pattern {pattern!r} matches no run folder with "
-                                  f"metrics ({len(found)} without a metrics.jsonl record).")
-            runs += usable
+            runs += common.usable_matches(f"--groups {label}", pattern, found, has_metrics, "run folder",
+                                          "metrics.jsonl records")
         groups[label] = runs
     if not groups:
         raise ConfigError("--groups: give at least one LABEL=RUN[,RUN...].")

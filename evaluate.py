@@ -270,15 +270,8 @@ def expand_checkpoints(specs) -> list[str]:
             out.append(spec)
             continue
         found = sorted(m for m in glob.glob(path) if os.path.isdir(m) or m.endswith(".safetensors"))
-        if not found:
-            raise ConfigError(f"--checkpoints {spec}: the pattern {path!r} matches no run or checkpoint.")
-        usable = [m for m in found if find_weights(m)]
-        for m in found:
-            if m not in usable:
-                print0(f"--checkpoints {spec}: skipped {m}: no LoRA checkpoint (a failed run?)")
-        if not usable:
-            raise ConfigError(f"--checkpoints {spec}: the pattern {path!r} matches no run or checkpoint with "
-                              f"LoRA weights ({len(found)} without checkpoints/NNNNNN/{lora.WEIGHT_NAME}).")
+        usable = common.usable_matches(f"--checkpoints {spec}", path, found, find_weights, "run or checkpoint",
+                                       "LoRA weights")
         for m in usable:
             name = label if not label or len(usable) == 1 else f"{label}-{os.path.basename(m.rstrip('/'))}"
             out.append(f"{name}={m}" if name else m)

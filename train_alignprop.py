@@ -73,18 +73,23 @@ class TrainConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = "alignprop"  # run name: the run folder is runs/{name}-{date} unless --run-dir is given
-    model: str = "sd15"  # tiny | sd15 | sd15-random | tiny-sdxl | sdxl | sdxl-random | a local diffusers folder | a hub id
-    prompts: str = "animals"  # animals | animal-activities | unseen-animals | drawbench[:Category,...] | file.txt
+    # tiny | sd15 | sd15-random | tiny-sdxl | sdxl | sdxl-random | a local diffusers folder | a hub id
+    model: str = "sd15"
+    # animals | animal-activities | unseen-animals | drawbench[:Category,...] | file.txt
+    prompts: str = "animals"
     num_epochs: int = 100  # planned optimizer steps (exploration runs for the first explore_until of them)
     seed: int = 0
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    # frozen weights and autocast (auto: bfloat16 on a GPU, float32 on a CPU); LoRA and optimizer state stay float32
+    # frozen weights and autocast (auto: bfloat16 on a GPU, float32 on a CPU); LoRA and optimizer state
+    # stay float32
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    threads: int = 0  # CPU threads of torch (0: the cores this process may use, shared among torchrun's processes)
+    # CPU threads of torch (0: the cores this process may use, shared among torchrun's processes)
+    threads: int = 0
     compile: bool = False  # torch.compile the UNet (checkpoints are always saved from the uncompiled module)
     run_dir: str = ""  # default: runs/{name}-{date}
     resume: str = ""  # a run folder (its newest checkpoint) or a checkpoint folder
-    truncation: Literal["fixed", "uniform"] = "fixed"  # K fixed, or drawn from U{k_min..k_max} per micro-batch
+    # K fixed, or drawn from U{k_min..k_max} per micro-batch
+    truncation: Literal["fixed", "uniform"] = "fixed"
     k: int = 1  # fixed truncation: gradients through the last k steps (k = num_steps: through all)
     k_min: int = 1  # uniform truncation: smallest K
     k_max: int = 10  # uniform truncation: largest K
@@ -99,31 +104,45 @@ class Config:
 
 
 BASE = Config()
-TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy")  # shipped with the repo
+# shipped with the repo
+TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy")
 TOY_T_THRES = 570  # the paper's t_thres 800 mapped to the toy model's schedule by noise level (tested)
 # The toy world (docs/toy-world.md): 10 DDIM steps (the alignment of 20 within 0.01, eta 0), gradients through
 # all of them (in pixel space size, position and background are settled at the noisy steps, which K = 1
 # cannot reach) without gradient checkpointing (the toy's activations are small; 30% faster), lr 5e-3
-# (3e-3 learned half as far in the budget, 1e-2 faster but fell back once; experiments.md, section 6), CFG 5, DiffExp's t_thres mapped to this schedule by noise level (TOY_T_THRES, the
+# (3e-3 learned half as far in the budget, 1e-2 faster but fell back once; experiments.md, section 6), CFG 5,
+# DiffExp's t_thres mapped to this schedule by noise level (TOY_T_THRES, the
 # paper's 800), and the plain policy evaluated every 4 steps on fixed seeds (training and held-out prompts).
 # The random tiny CLIP behind the diversity metric means nothing here, so it is off.
 TOY = dataclasses.replace(
-    BASE, name="alignprop-toy", model=TOY_MODEL, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_train.txt"), num_epochs=20,
-    k=10, checkpointing=False, sample=SampleConfig(num_steps=10, guidance_scale=5.0), train=TrainConfig(batch_size=8, total_batch=16, lr=5e-3),
-    explore=ExploreConfig(t_thres=TOY_T_THRES), reward=RewardConfig(name="toy-aesthetic"), log=LogConfig(grid_every=5, save_every=5),
-    eval=EvalConfig(every=4, samples_per_prompt=2, diversity=False, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_heldout.txt")))
+    BASE, name="alignprop-toy", model=TOY_MODEL,
+    prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_train.txt"), num_epochs=20,
+    k=10, checkpointing=False, sample=SampleConfig(num_steps=10, guidance_scale=5.0),
+    train=TrainConfig(batch_size=8, total_batch=16, lr=5e-3),
+    explore=ExploreConfig(t_thres=TOY_T_THRES), reward=RewardConfig(name="toy-aesthetic"),
+    log=LogConfig(grid_every=5, save_every=5),
+    eval=EvalConfig(every=4, samples_per_prompt=2, diversity=False,
+                    prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_heldout.txt")))
 PRESETS = {
-    "tiny": ("Offline tiny random model, the differentiable model-free brightness reward, a few steps on a CPU.", dataclasses.replace(
-        BASE, name="alignprop-tiny", model="tiny", num_epochs=12, k=2,
-        sample=SampleConfig(num_steps=10), train=TrainConfig(batch_size=4, total_batch=8, lr=1e-2),
-        reward=RewardConfig(name="brightness"), log=LogConfig(grid_every=4, save_every=4), eval=EvalConfig(clip_tiny=True))),
-    "toy": ("The toy world's aesthetic task (the shipped pixel-space model, offline, CPU): the quick start.", TOY),
-    "toy-classifier": ("The toy world's prompt-fidelity task (toy-classifier reward), otherwise as toy.", dataclasses.replace(
-        TOY, name="alignprop-toy-classifier", reward=RewardConfig(name="toy-classifier"))),
-    "sd15-aesthetic": ("SD v1.5, 45 animals, LAION aesthetic; AlignProp's reference hyperparameters.", dataclasses.replace(
-        BASE, name="alignprop-sd15-aesthetic")),
+    "tiny": (
+        "Offline tiny random model, the differentiable model-free brightness reward, a few steps on a CPU.",
+        dataclasses.replace(
+            BASE, name="alignprop-tiny", model="tiny", num_epochs=12, k=2,
+            sample=SampleConfig(num_steps=10), train=TrainConfig(batch_size=4, total_batch=8, lr=1e-2),
+            reward=RewardConfig(name="brightness"), log=LogConfig(grid_every=4, save_every=4),
+            eval=EvalConfig(clip_tiny=True))),
+    "toy": ("The toy world's aesthetic task (the shipped pixel-space model, offline, CPU): the quick start.",
+            TOY),
+    "toy-classifier": (
+        "The toy world's prompt-fidelity task (toy-classifier reward), otherwise as toy.",
+        dataclasses.replace(TOY, name="alignprop-toy-classifier",
+                            reward=RewardConfig(name="toy-classifier"))),
+    "sd15-aesthetic": (
+        "SD v1.5, 45 animals, LAION aesthetic; AlignProp's reference hyperparameters.",
+        dataclasses.replace(BASE, name="alignprop-sd15-aesthetic")),
     "sd15-pickscore": ("SD v1.5, 135 animal-activity prompts, PickScore.", dataclasses.replace(
-        BASE, name="alignprop-sd15-pickscore", prompts="animal-activities", reward=RewardConfig(name="pickscore"))),
+        BASE, name="alignprop-sd15-pickscore", prompts="animal-activities",
+        reward=RewardConfig(name="pickscore"))),
 }
 # SDXL base at 1024 px: the sd15 recipe (128 samples per optimizer step, K = 1, checkpointing) in bfloat16
 # (the 2.6 B-parameter UNet in float32 would double memory and time), micro-batches of 1 trajectory
@@ -133,10 +152,13 @@ PRESETS = {
 SDXL = dataclasses.replace(BASE, model="sdxl", dtype="bfloat16", sample=SampleConfig(guidance_scale=5.0),
                            train=TrainConfig(batch_size=1))
 PRESETS |= {
-    "sdxl-aesthetic": ("SDXL base, 45 animals, LAION aesthetic; bfloat16, guidance 5.0, micro-batches of 1.", dataclasses.replace(
-        SDXL, name="alignprop-sdxl-aesthetic")),
-    "sdxl-pickscore": ("SDXL base, 135 animal-activity prompts, PickScore; bfloat16, guidance 5.0.", dataclasses.replace(
-        SDXL, name="alignprop-sdxl-pickscore", prompts="animal-activities", reward=RewardConfig(name="pickscore"))),
+    "sdxl-aesthetic": (
+        "SDXL base, 45 animals, LAION aesthetic; bfloat16, guidance 5.0, micro-batches of 1.",
+        dataclasses.replace(SDXL, name="alignprop-sdxl-aesthetic")),
+    "sdxl-pickscore": (
+        "SDXL base, 135 animal-activity prompts, PickScore; bfloat16, guidance 5.0.",
+        dataclasses.replace(SDXL, name="alignprop-sdxl-pickscore", prompts="animal-activities",
+                            reward=RewardConfig(name="pickscore"))),
 }
 
 
@@ -171,12 +193,13 @@ def check(cfg: Config, world: int) -> tuple[tuple[int, int], int]:
                           f"({', '.join(sorted(rewards.DIFFERENTIABLE))}); use train_ddpo.py for this one.")
     ks = (cfg.k, cfg.k) if cfg.truncation == "fixed" else (cfg.k_min, cfg.k_max)
     if not 1 <= ks[0] <= ks[1] <= cfg.sample.num_steps:
-        raise ConfigError(f"truncation: need 1 <= K <= --sample.num-steps {cfg.sample.num_steps}; got --k {cfg.k} "
-                          f"(or --k-min {cfg.k_min} / --k-max {cfg.k_max}).")
+        raise ConfigError(f"truncation: need 1 <= K <= --sample.num-steps {cfg.sample.num_steps}; got "
+                          f"--k {cfg.k} (or --k-min {cfg.k_min} / --k-max {cfg.k_max}).")
     grad_accum, rem = divmod(cfg.train.total_batch, max(1, cfg.train.batch_size))
     if cfg.train.batch_size < 1 or rem or grad_accum < 1 or grad_accum % world:
-        raise ConfigError(f"--train.total-batch {cfg.train.total_batch} must be a multiple of --train.batch-size "
-                          f"{cfg.train.batch_size} (>= 1) x the number of processes ({world}).")
+        raise ConfigError(f"--train.total-batch {cfg.train.total_batch} must be a multiple of "
+                          f"--train.batch-size {cfg.train.batch_size} (>= 1) x the number of processes "
+                          f"({world}).")
     return ks, grad_accum
 
 
@@ -189,8 +212,10 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
     ks, grad_accum = check(cfg, world)
     T = cfg.sample.num_steps
     dtype = common.resolve_dtype(cfg.dtype, device)
-    run_dir = common.all_gather(scaffold.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name), world)[0]  # rank 0's
-    resume = scaffold.resume_from(cfg.resume, run_dir)  # --resume auto: the newest checkpoint in run_dir, if any
+    run_dir = common.all_gather(scaffold.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name),
+                                world)[0]  # rank 0's
+    # --resume auto: the newest checkpoint in run_dir, if any
+    resume = scaffold.resume_from(cfg.resume, run_dir)
     scaffold.check_run_dir(run_dir, resume)
 
     models = load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
@@ -227,11 +252,12 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
     def training_state(epochs_done: int) -> dict:
         return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
                 "precision": precision.state_dict()}
-    run = scaffold.Run(cfg, run_dir, rank, world, start_epoch, reward_queries, unet, params, guard, training_state,
-                       policy_scores)
+    run = scaffold.Run(cfg, run_dir, rank, world, start_epoch, reward_queries, unet, params, guard,
+                       training_state, policy_scores)
     bars = scaffold.show_progress(cfg.log, rank)
-    print0(f"batch arithmetic: {cfg.train.total_batch} samples per optimizer step = {grad_accum} micro-batches x "
-           f"{cfg.train.batch_size} over {world} process(es); gradients through the last {ks[0]}..{ks[1]} of {T} steps")
+    print0(f"batch arithmetic: {cfg.train.total_batch} samples per optimizer step = {grad_accum} "
+           f"micro-batches x {cfg.train.batch_size} over {world} process(es); gradients through the last "
+           f"{ks[0]}..{ks[1]} of {T} steps")
     assert grad_accum * cfg.train.batch_size == cfg.train.total_batch
     my_micro = list(range(rank, grad_accum, world))  # global micro-batch indices of this process
 
@@ -244,26 +270,30 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
         shown = []  # the epoch's first samples, for the grid
         for m in tqdm(my_micro, desc=f"epoch {epoch}", leave=False, disable=not bars):
             images = micro_batch(cfg, models, encode, uncond, prompt_set, ts, reward_fn, precision, epoch, m,
-                                 len(my_micro), os.path.join(run_dir, f"unscored_epoch_{epoch:04d}_rank{rank}.pt"), out)
+                                 len(my_micro),
+                                 os.path.join(run_dir, f"unscored_epoch_{epoch:04d}_rank{rank}.pt"), out)
             if embedder:
                 out["embeddings"].append(evaluate.embed_images(images, embedder).cpu())
             if sum(map(len, shown)) < cfg.log.grid_size:
                 shown.append(images.cpu())
-        grad_norm = precision.step(optimizer, params, cfg.train.max_grad_norm, world, f"epoch {epoch}")  # NaN: skipped
+        grad_norm = precision.step(optimizer, params, cfg.train.max_grad_norm, world,
+                                   f"epoch {epoch}")  # NaN: skipped
         seconds = time.perf_counter() - t0
         common.assert_in_sync(params, world, f"epoch {epoch}")
 
         # ---- the epoch's record: log, grid, checkpoint (scaffold.Run, process 0)
-        local = (torch.cat(out["reward"]), out["loss"], out["grad_from"], peak_memory_mb(device), out["prompts"],
-                 torch.cat(out["embeddings"]) if embedder else None)
+        local = (torch.cat(out["reward"]), out["loss"], out["grad_from"], peak_memory_mb(device),
+                 out["prompts"], torch.cat(out["embeddings"]) if embedder else None)
         gathered = common.all_gather(local, world)
         reward = torch.cat([g[0] for g in gathered])
         losses, grad_from = [x for g in gathered for x in g[1]], [x for g in gathered for x in g[2]]
         reward_queries += len(reward)
         record = {"epoch": epoch, "reward_queries": reward_queries, **common.summarize(reward),
-                  "loss": sum(losses) / len(losses), "grad_norm": grad_norm, "skipped_steps": int(grad_norm != grad_norm),
-                  "grad_from_step": sum(grad_from) / len(grad_from), "exploring": exploring, "s_step": seconds,
-                  "samples_per_s": len(reward) / seconds, "peak_mem_mb": max(g[3] for g in gathered)}
+                  "loss": sum(losses) / len(losses), "grad_norm": grad_norm,
+                  "skipped_steps": int(grad_norm != grad_norm),
+                  "grad_from_step": sum(grad_from) / len(grad_from), "exploring": exploring,
+                  "s_step": seconds, "samples_per_s": len(reward) / seconds,
+                  "peak_mem_mb": max(g[3] for g in gathered)}
         if embedder and rank == 0:
             record["diversity"] = evaluate.mean_diversity(torch.cat([g[5] for g in gathered]),
                                                           [t for g in gathered for t in g[4]])
@@ -283,18 +313,22 @@ def micro_batch(cfg: Config, models, encode, uncond, prompt_set, ts, reward_fn, 
     the step's `accum` micro-batches). Micro-batch m draws from generators keyed by (seed, epoch, m): the same
     on any number of processes. Appends the rewards, loss, first step with gradient and prompts to `out`.
     -> the images (b, 3, H, W), detached."""
-    idx = torch.randint(len(prompt_set), (cfg.train.batch_size,), generator=common.generator(cfg.seed, epoch, m, "prompts"))
+    idx = torch.randint(len(prompt_set), (cfg.train.batch_size,),
+                        generator=common.generator(cfg.seed, epoch, m, "prompts"))
     batch_prompts = [prompt_set[i] for i in idx]
     texts = [p.text for p in batch_prompts]
     cond, positions = encode(batch_prompts)
     cond, guidance = explore.explore_batch(cfg.explore, cond, positions, ts, cfg.sample.guidance_scale,
-                                           epoch / cfg.num_epochs, common.generator(cfg.seed, epoch, m, "explore"),
+                                           epoch / cfg.num_epochs,
+                                           common.generator(cfg.seed, epoch, m, "explore"),
                                            diffusion.PROMPT_LENGTH)
     k = draw_k(cfg, common.generator(cfg.seed, epoch, m, "truncation"))
     with precision.autocast():
         traj = diffusion.sample(models, cond, uncond, guidance, len(ts), cfg.sample.eta,
-                                common.generator(cfg.seed, epoch, m, "noise"), grad_last_k=k, checkpointing=cfg.checkpointing)
-    reward = scaffold.score(reward_fn, [traj.images], [texts], cfg.reward.name, unscored)[0]  # (b,), differentiable
+                                common.generator(cfg.seed, epoch, m, "noise"), grad_last_k=k,
+                                checkpointing=cfg.checkpointing)
+    # (b,), differentiable
+    reward = scaffold.score(reward_fn, [traj.images], [texts], cfg.reward.name, unscored)[0]
     loss = -reward.mean() if cfg.train.loss == "reward" else (reward - cfg.train.target).abs().mean()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"epoch {epoch}: non-finite loss (reward {reward.tolist()}).")

@@ -10,7 +10,7 @@ Reinforcement Learning"), with DiffExp's exploration (Chae et al., AAAI 2025) on
     python train_ddpo.py sdxl-aesthetic                # SDXL base at 1024 px, bfloat16
     torchrun --nproc_per_node=8 train_ddpo.py sd15-aesthetic   # 8 GPUs, the same effective batch
     python train_ddpo.py tiny --resume runs/ddpo-tiny-20260101-120000   # continue a run
-    python train_ddpo.py --help                        # presets; `python train_ddpo.py tiny --help`: all flags
+    python train_ddpo.py --help                        # presets; `train_ddpo.py tiny --help`: all flags
 
 Kept from the DDPO reference: DDIM log-probs reduced by the mean over latent dimensions, per-prompt
 reward statistics with a buffer across epochs, shuffled timesteps, PPO clipping with clip_range 1e-4,
@@ -64,8 +64,11 @@ class TrainConfig:
     updates_per_epoch: int = 2  # optimizer steps per inner epoch; gradient accumulation is derived from it
     inner_epochs: int = 1  # passes over each epoch's samples
     timestep_fraction: float = 1.0  # fraction of each trajectory's (shuffled) steps trained on
-    timestep_range: tuple[float, float] = (0.0, 1.0)  # train only steps i with start <= i / T < end (0: the noisiest)
-    timesteps_per_forward: int = 2  # timesteps folded into one UNet batch: the same gradient for N x the activations (2: 1.3 to 2.0x faster on an H200, 19 GiB at SD v1.5, batch 4; docs/benchmarks.md)
+    # train only steps i with start <= i / T < end (0: the noisiest)
+    timestep_range: tuple[float, float] = (0.0, 1.0)
+    # timesteps folded into one UNet batch: the same gradient for N x the activations (2: 1.3 to 2.0x faster
+    # on an H200, 19 GiB at SD v1.5, batch 4; docs/benchmarks.md)
+    timesteps_per_forward: int = 2
     lr: float = 3e-4  # AdamW learning rate of the LoRA weights
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-4
@@ -81,14 +84,18 @@ class TrainConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = "ddpo"  # run name: the run folder is runs/{name}-{date} unless --run-dir is given
-    model: str = "sd15"  # tiny | sd15 | sd15-random | tiny-sdxl | sdxl | sdxl-random | a local diffusers folder | a hub id
-    prompts: str = "animals"  # animals | animal-activities | unseen-animals | drawbench[:Category,...] | file.txt
+    # tiny | sd15 | sd15-random | tiny-sdxl | sdxl | sdxl-random | a local diffusers folder | a hub id
+    model: str = "sd15"
+    # animals | animal-activities | unseen-animals | drawbench[:Category,...] | file.txt
+    prompts: str = "animals"
     num_epochs: int = 200  # planned epochs (exploration runs for the first explore_until of them)
     seed: int = 0
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    # frozen weights and autocast (auto: bfloat16 on a GPU, float32 on a CPU); LoRA and optimizer state stay float32
+    # frozen weights and autocast (auto: bfloat16 on a GPU, float32 on a CPU); LoRA and optimizer state
+    # stay float32
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    threads: int = 0  # CPU threads of torch (0: the cores this process may use, shared among torchrun's processes)
+    # CPU threads of torch (0: the cores this process may use, shared among torchrun's processes)
+    threads: int = 0
     compile: bool = False  # torch.compile the UNet (checkpoints are always saved from the uncompiled module)
     run_dir: str = ""  # default: runs/{name}-{date}
     resume: str = ""  # a run folder (its newest checkpoint) or a checkpoint folder
@@ -102,7 +109,8 @@ class Config:
 
 
 BASE = Config()
-TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy")  # shipped with the repo
+# shipped with the repo
+TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy")
 TOY_T_THRES = 570  # the paper's t_thres 800 mapped to the toy model's schedule by noise level (tested)
 # The toy world (docs/toy-world.md), with train_alignprop.py's toy prompts, rewards, 10 DDIM steps and CFG 5,
 # and DiffExp's t_thres mapped to this schedule by noise level (TOY_T_THRES). Each
@@ -110,40 +118,55 @@ TOY_T_THRES = 570  # the paper's t_thres 800 mapped to the toy model's schedule 
 # the noisier first half of each trajectory is trained (the late steps' log-prob gradients are large and
 # carry no reward information there). The plain policy is evaluated every epoch on fixed seeds.
 TOY = dataclasses.replace(
-    BASE, name="ddpo-toy", model=TOY_MODEL, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_train.txt"), num_epochs=5,
+    BASE, name="ddpo-toy", model=TOY_MODEL,
+    prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_train.txt"), num_epochs=5,
     sample=SampleConfig(num_steps=10, batch_size=16, num_batches=16),
-    train=TrainConfig(batch_size=16, updates_per_epoch=1, timesteps_per_forward=5, timestep_range=(0.0, 0.5), lr=5e-3,
-                      clip_range=0.2, min_count=4),
-    explore=ExploreConfig(t_thres=TOY_T_THRES), reward=RewardConfig(name="toy-aesthetic"), lora=LoRAConfig(alpha=16.0),
+    train=TrainConfig(batch_size=16, updates_per_epoch=1, timesteps_per_forward=5, timestep_range=(0.0, 0.5),
+                      lr=5e-3, clip_range=0.2, min_count=4),
+    explore=ExploreConfig(t_thres=TOY_T_THRES), reward=RewardConfig(name="toy-aesthetic"),
+    lora=LoRAConfig(alpha=16.0),
     log=LogConfig(grid_every=1, save_every=1),
-    eval=EvalConfig(every=1, samples_per_prompt=2, diversity=False, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_heldout.txt")))
+    eval=EvalConfig(every=1, samples_per_prompt=2, diversity=False,
+                    prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_heldout.txt")))
 PRESETS = {
-    "tiny": ("Offline tiny random model, the model-free brightness reward, a few epochs on a CPU.", dataclasses.replace(
-        BASE, name="ddpo-tiny", model="tiny", num_epochs=7,
-        sample=SampleConfig(num_steps=10, batch_size=8, num_batches=4),
-        train=TrainConfig(batch_size=4, updates_per_epoch=4, timesteps_per_forward=10, lr=1e-2, clip_range=0.1, min_count=4),
-        explore=ExploreConfig(t_thres=700), reward=RewardConfig(name="brightness"), lora=LoRAConfig(alpha=16.0),
-        log=LogConfig(grid_every=5, save_every=5), eval=EvalConfig(clip_tiny=True))),
-    "toy": ("The toy world's aesthetic task (the shipped pixel-space model, offline, CPU): the quick start.", TOY),
-    "toy-classifier": ("The toy world's prompt-fidelity task (toy-classifier reward), otherwise as toy.", dataclasses.replace(
-        TOY, name="ddpo-toy-classifier", reward=RewardConfig(name="toy-classifier"))),
-    "sd15-aesthetic": ("SD v1.5, 45 animals, LAION aesthetic; the DDPO reference hyperparameters.", dataclasses.replace(
-        BASE, name="ddpo-sd15-aesthetic")),
+    "tiny": (
+        "Offline tiny random model, the model-free brightness reward, a few epochs on a CPU.",
+        dataclasses.replace(
+            BASE, name="ddpo-tiny", model="tiny", num_epochs=7,
+            sample=SampleConfig(num_steps=10, batch_size=8, num_batches=4),
+            train=TrainConfig(batch_size=4, updates_per_epoch=4, timesteps_per_forward=10, lr=1e-2,
+                              clip_range=0.1, min_count=4),
+            explore=ExploreConfig(t_thres=700), reward=RewardConfig(name="brightness"),
+            lora=LoRAConfig(alpha=16.0),
+            log=LogConfig(grid_every=5, save_every=5), eval=EvalConfig(clip_tiny=True))),
+    "toy": ("The toy world's aesthetic task (the shipped pixel-space model, offline, CPU): the quick start.",
+            TOY),
+    "toy-classifier": (
+        "The toy world's prompt-fidelity task (toy-classifier reward), otherwise as toy.",
+        dataclasses.replace(TOY, name="ddpo-toy-classifier", reward=RewardConfig(name="toy-classifier"))),
+    "sd15-aesthetic": (
+        "SD v1.5, 45 animals, LAION aesthetic; the DDPO reference hyperparameters.",
+        dataclasses.replace(BASE, name="ddpo-sd15-aesthetic")),
     "sd15-pickscore": ("SD v1.5, 135 animal-activity prompts, PickScore.", dataclasses.replace(
-        BASE, name="ddpo-sd15-pickscore", prompts="animal-activities", reward=RewardConfig(name="pickscore"))),
+        BASE, name="ddpo-sd15-pickscore", prompts="animal-activities",
+        reward=RewardConfig(name="pickscore"))),
 }
 # SDXL base at 1024 px: the sd15 recipe (256 samples and 2 optimizer steps per epoch, guidance 5.0, which is
 # also diffusers' SDXL default) in bfloat16 (the 2.6 B-parameter UNet in float32 would double memory and
 # time) and smaller batches: 1024 px latents have 4x the positions of SD v1.5's 512 px ones and the UNet is
 # 3x larger, so sampling batches of 4 and training micro-batches of 1 sample (2 with CFG). Sized for one
 # 80 GB GPU, not yet measured there.
-SDXL = dataclasses.replace(BASE, model="sdxl", dtype="bfloat16", train=TrainConfig(batch_size=1, timesteps_per_forward=1),
+SDXL = dataclasses.replace(BASE, model="sdxl", dtype="bfloat16",
+                           train=TrainConfig(batch_size=1, timesteps_per_forward=1),
                            sample=SampleConfig(guidance_scale=5.0, batch_size=4, num_batches=64))
 PRESETS |= {
-    "sdxl-aesthetic": ("SDXL base, 45 animals, LAION aesthetic; bfloat16, smaller batches.", dataclasses.replace(
-        SDXL, name="ddpo-sdxl-aesthetic")),
-    "sdxl-pickscore": ("SDXL base, 135 animal-activity prompts, PickScore; bfloat16, smaller batches.", dataclasses.replace(
-        SDXL, name="ddpo-sdxl-pickscore", prompts="animal-activities", reward=RewardConfig(name="pickscore"))),
+    "sdxl-aesthetic": (
+        "SDXL base, 45 animals, LAION aesthetic; bfloat16, smaller batches.",
+        dataclasses.replace(SDXL, name="ddpo-sdxl-aesthetic")),
+    "sdxl-pickscore": (
+        "SDXL base, 135 animal-activity prompts, PickScore; bfloat16, smaller batches.",
+        dataclasses.replace(SDXL, name="ddpo-sdxl-pickscore", prompts="animal-activities",
+                            reward=RewardConfig(name="pickscore"))),
 }
 
 # -----------------------------------------------------------------------------
@@ -211,27 +234,29 @@ def check(cfg: Config, world: int) -> tuple[torch.Tensor, int]:
     step over all processes). Batch arithmetic: N samples per epoch, split over the processes; each optimizer
     step averages grad_accum micro-batches (in all) x train_steps timesteps."""
     if cfg.sample.eta <= 0:
-        raise ConfigError(f"--sample.eta {cfg.sample.eta}: DDPO needs eta > 0 (a deterministic DDIM step has no log-prob).")
+        raise ConfigError(f"--sample.eta {cfg.sample.eta}: DDPO needs eta > 0 (a deterministic DDIM step has "
+                          f"no log-prob).")
     if not 0 < cfg.train.timestep_fraction <= 1:
         raise ConfigError(f"--train.timestep-fraction {cfg.train.timestep_fraction}: must lie in (0, 1].")
     T, (start, end) = cfg.sample.num_steps, cfg.train.timestep_range
     trainable = torch.tensor([i for i in range(T) if start <= i / T < end], dtype=torch.long)
     if not 0 <= start < end <= 1 or len(trainable) == 0:
-        raise ConfigError(f"--train.timestep-range {start} {end}: needs 0 <= start < end <= 1 and at least one of "
-                          f"the {T} steps i with start <= i / {T} < end.")
+        raise ConfigError(f"--train.timestep-range {start} {end}: needs 0 <= start < end <= 1 and at least "
+                          f"one of the {T} steps i with start <= i / {T} < end.")
     if min(cfg.sample.batch_size, cfg.sample.num_batches, cfg.train.batch_size, cfg.train.inner_epochs,
            cfg.train.timesteps_per_forward) < 1:
-        raise ConfigError("--sample.batch-size, --sample.num-batches, --train.batch-size, --train.inner-epochs and "
-                          "--train.timesteps-per-forward must be >= 1.")
+        raise ConfigError("--sample.batch-size, --sample.num-batches, --train.batch-size, "
+                          "--train.inner-epochs and --train.timesteps-per-forward must be >= 1.")
     N = cfg.sample.batch_size * cfg.sample.num_batches
     micro_per_epoch, rem = divmod(N, cfg.train.batch_size)
     grad_accum, rem2 = divmod(micro_per_epoch, max(1, cfg.train.updates_per_epoch))
     if rem or rem2 or grad_accum % world or cfg.sample.num_batches % world or cfg.train.updates_per_epoch < 1:
         raise ConfigError(
-            f"batch arithmetic: samples per epoch (--sample.batch-size {cfg.sample.batch_size} x --sample.num-batches "
-            f"{cfg.sample.num_batches} = {N}) must split into --train.batch-size {cfg.train.batch_size} x gradient "
-            f"accumulation x --train.updates-per-epoch {cfg.train.updates_per_epoch}, with the sampling batches and "
-            f"the accumulation steps divisible by the {world} process(es).")
+            f"batch arithmetic: samples per epoch (--sample.batch-size {cfg.sample.batch_size} x "
+            f"--sample.num-batches {cfg.sample.num_batches} = {N}) must split into --train.batch-size "
+            f"{cfg.train.batch_size} x gradient accumulation x --train.updates-per-epoch "
+            f"{cfg.train.updates_per_epoch}, with the sampling batches and the accumulation steps divisible "
+            f"by the {world} process(es).")
     return trainable, grad_accum
 
 
@@ -245,8 +270,10 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
     T, N = cfg.sample.num_steps, cfg.sample.batch_size * cfg.sample.num_batches
     train_steps = max(1, int(len(trainable) * cfg.train.timestep_fraction))
     dtype = common.resolve_dtype(cfg.dtype, device)
-    run_dir = common.all_gather(scaffold.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name), world)[0]  # rank 0's
-    resume = scaffold.resume_from(cfg.resume, run_dir)  # --resume auto: the newest checkpoint in run_dir, if any
+    run_dir = common.all_gather(scaffold.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name),
+                                world)[0]  # rank 0's
+    # --resume auto: the newest checkpoint in run_dir, if any
+    resume = scaffold.resume_from(cfg.resume, run_dir)
     scaffold.check_run_dir(run_dir, resume)
 
     models = load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
@@ -285,13 +312,14 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
     def training_state(epochs_done: int) -> dict:
         return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
                 "stat_tracker": stat_tracker.state_dict(), "precision": precision.state_dict()}
-    run = scaffold.Run(cfg, run_dir, rank, world, start_epoch, reward_queries, unet, params, guard, training_state,
-                       policy_scores)
+    run = scaffold.Run(cfg, run_dir, rank, world, start_epoch, reward_queries, unet, params, guard,
+                       training_state, policy_scores)
     bars = scaffold.show_progress(cfg.log, rank)
-    print0(f"batch arithmetic: {N} samples per epoch = {cfg.sample.num_batches} batches x {cfg.sample.batch_size} "
-           f"over {world} process(es); training: micro-batches of {cfg.train.batch_size} samples x {train_steps} "
-           f"timesteps, {grad_accum} micro-batches per optimizer step -> {cfg.train.updates_per_epoch} optimizer "
-           f"steps per inner epoch, {cfg.train.inner_epochs} inner epoch(s)")
+    print0(f"batch arithmetic: {N} samples per epoch = {cfg.sample.num_batches} batches x "
+           f"{cfg.sample.batch_size} over {world} process(es); training: micro-batches of "
+           f"{cfg.train.batch_size} samples x {train_steps} timesteps, {grad_accum} micro-batches per "
+           f"optimizer step -> {cfg.train.updates_per_epoch} optimizer steps per inner epoch, "
+           f"{cfg.train.inner_epochs} inner epoch(s)")
     assert N == cfg.train.batch_size * grad_accum * cfg.train.updates_per_epoch
     my_batches = list(range(rank, cfg.sample.num_batches, world))  # global sampling batches of this process
     n_local = len(my_batches) * cfg.sample.batch_size
@@ -303,7 +331,8 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
         # ---- sampling, with exploration
         models.unet.eval()
         t0 = time.perf_counter()
-        batches = sample_epoch(cfg, models, encode, uncond, prompt_set, ts, epoch, my_batches, precision, bars)
+        batches = sample_epoch(cfg, models, encode, uncond, prompt_set, ts, epoch, my_batches, precision,
+                               bars)
         t_sample = time.perf_counter() - t0
 
         # ---- rewards; advantages from the rewards of ALL processes (per-prompt statistics need them)
@@ -313,8 +342,10 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
             unscored = os.path.join(run_dir, f"unscored_epoch_{epoch:04d}_rank{rank}.pt")
             local_reward = torch.cat(scaffold.score(reward_fn, [b["images"] for b in batches], local_prompts,
                                                     cfg.reward.name, unscored)).float().cpu()  # (n_local,)
-            local_embeddings = (torch.cat([evaluate.embed_images(b["images"], embedder).cpu() for b in batches])
-                                if embedder else torch.zeros(n_local, 0))  # (n_local, D): the diversity metric
+            # (n_local, D): the diversity metric
+            local_embeddings = (torch.cat([evaluate.embed_images(b["images"], embedder).cpu()
+                                           for b in batches])
+                                if embedder else torch.zeros(n_local, 0))
         t_reward = time.perf_counter() - t0
         local_prompts = sum(local_prompts, [])
         gathered = common.all_gather((local_prompts, local_reward, local_embeddings), world)
@@ -322,12 +353,15 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
         reward = torch.cat([g[1] for g in gathered])  # (N,), rank-major order
         reward_queries += len(reward)
         if not torch.isfinite(reward).all():
-            raise FloatingPointError(f"epoch {epoch}: non-finite reward from --reward.name {cfg.reward.name}.")
-        advantages = stat_tracker.update(prompts, reward) if cfg.train.per_prompt_stats else global_advantages(reward)
+            raise FloatingPointError(f"epoch {epoch}: non-finite reward from --reward.name "
+                                     f"{cfg.reward.name}.")
+        advantages = (stat_tracker.update(prompts, reward) if cfg.train.per_prompt_stats
+                      else global_advantages(reward))
         advantages = advantages.clamp(-cfg.train.adv_clip_max, cfg.train.adv_clip_max)
         advantages = advantages[rank * n_local:(rank + 1) * n_local].to(device)  # this process's samples
         data = {k: torch.cat([b[k] for b in batches]) for k in ("latents", "log_probs", "guidance", "cond")}
-        grid_images = torch.cat([b["images"] for b in batches])[:cfg.log.grid_size]  # process 0's first samples
+        # process 0's first samples
+        grid_images = torch.cat([b["images"] for b in batches])[:cfg.log.grid_size]
         grid_labels = plots.grid_labels(local_prompts[:cfg.log.grid_size], local_reward[:cfg.log.grid_size])
         del batches
 
@@ -337,15 +371,17 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
         stats = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
         first_ratio_err = 0.0  # max |ratio - 1| before the epoch's first optimizer step: 0 if on-policy
         for inner in range(cfg.train.inner_epochs):
-            ratio_err = ppo_epoch(cfg, models, uncond, ts.to(device), data, advantages, trainable, train_steps,
-                                  grad_accum // world, precision, optimizer, params, world, stats,
-                                  common.generator(cfg.seed, epoch, inner, "train", rank), f"epoch {epoch}", bars)
+            ratio_err = ppo_epoch(cfg, models, uncond, ts.to(device), data, advantages, trainable,
+                                  train_steps, grad_accum // world, precision, optimizer, params, world,
+                                  stats, common.generator(cfg.seed, epoch, inner, "train", rank),
+                                  f"epoch {epoch}", bars)
             first_ratio_err = ratio_err if inner == 0 else first_ratio_err
         t_train = time.perf_counter() - t0
         common.assert_in_sync(params, world, f"epoch {epoch}")
 
         # ---- the epoch's record: log, grid, checkpoint (scaffold.Run, process 0)
-        skipped = sum(g != g for g in stats["grad_norm"])  # a NaN norm: a float16 step the loss scaler skipped
+        # a NaN norm: a float16 step the loss scaler skipped
+        skipped = sum(g != g for g in stats["grad_norm"])
         stats["grad_norm"] = [g for g in stats["grad_norm"] if g == g] or [float("nan")]
         stats = {k: sum(v) / len(v) for k, v in stats.items()}
         if world > 1:  # average the training statistics over processes; the worst ratio error
@@ -353,7 +389,8 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
             first_ratio_err = max(common.all_gather(first_ratio_err, world))
         record = {"epoch": epoch, "reward_queries": reward_queries, **common.summarize(reward), **stats,
                   "first_ratio_err": first_ratio_err, "skipped_steps": skipped, "exploring": exploring,
-                  "s_sample": t_sample, "s_reward": t_reward, "s_train": t_train, "samples_per_s": N / t_sample,
+                  "s_sample": t_sample, "s_reward": t_reward, "s_train": t_train,
+                  "samples_per_s": N / t_sample,
                   "transitions_per_s": N * train_steps * cfg.train.inner_epochs / t_train}
         if embedder and rank == 0:
             record["diversity"] = evaluate.mean_diversity(torch.cat([g[2] for g in gathered]), prompts)
@@ -364,19 +401,21 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
     return run_dir
 
 
-def sample_epoch(cfg: Config, models, encode, uncond, prompt_set, ts, epoch: int, my_batches: list[int], precision,
-                 bars: bool) -> list[dict]:
+def sample_epoch(cfg: Config, models, encode, uncond, prompt_set, ts, epoch: int, my_batches: list[int],
+                 precision, bars: bool) -> list[dict]:
     """This process's trajectories of the epoch, sampled with exploration: per sampling batch, its latents
     (B, T+1, ...), log-probs (B, T), guidance scales (B, T), exact (possibly re-weighted) prompt embeddings,
     images and prompts, so that training re-scores exactly the policy that sampled. Batch b draws from
     generators keyed by (seed, epoch, b): the same samples on any number of processes."""
     progress, out = epoch / cfg.num_epochs, []
     for b in tqdm(my_batches, desc=f"epoch {epoch} sampling", leave=False, disable=not bars):
-        idx = torch.randint(len(prompt_set), (cfg.sample.batch_size,), generator=common.generator(cfg.seed, epoch, b, "prompts"))
+        idx = torch.randint(len(prompt_set), (cfg.sample.batch_size,),
+                            generator=common.generator(cfg.seed, epoch, b, "prompts"))
         batch_prompts = [prompt_set[i] for i in idx]
         cond, positions = encode(batch_prompts)
-        cond, guidance = explore.explore_batch(cfg.explore, cond, positions, ts, cfg.sample.guidance_scale, progress,
-                                               common.generator(cfg.seed, epoch, b, "explore"), diffusion.PROMPT_LENGTH)
+        cond, guidance = explore.explore_batch(cfg.explore, cond, positions, ts, cfg.sample.guidance_scale,
+                                               progress, common.generator(cfg.seed, epoch, b, "explore"),
+                                               diffusion.PROMPT_LENGTH)
         with torch.no_grad(), precision.autocast():
             traj = diffusion.sample(models, cond, uncond, guidance, len(ts), cfg.sample.eta,
                                     common.generator(cfg.seed, epoch, b, "noise"))
@@ -386,8 +425,8 @@ def sample_epoch(cfg: Config, models, encode, uncond, prompt_set, ts, epoch: int
 
 
 def flat_pairs(samples: torch.Tensor, order: torch.Tensor, steps: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (sample, step) pairs of one forward: each sample at its shuffled steps order[sample, steps], flattened.
-    samples (b,), order (n, S) -> sample indices (b*c,), step indices (b*c,)."""
+    """The (sample, step) pairs of one forward: each sample at its shuffled steps order[sample, steps],
+    flattened. samples (b,), order (n, S) -> sample indices (b*c,), step indices (b*c,)."""
     chosen = order[samples, steps]  # (b, c)
     return samples[:, None].expand_as(chosen).reshape(-1), chosen.reshape(-1)
 
@@ -395,37 +434,43 @@ def flat_pairs(samples: torch.Tensor, order: torch.Tensor, steps: slice) -> tupl
 def ppo_epoch(cfg: Config, models, uncond, timesteps, data: dict, advantages, trainable, train_steps: int,
               accum: int, precision, optimizer, params, world: int, stats: dict, generator, where: str,
               bars: bool) -> float:
-    """One pass over this process's samples: micro-batches of shuffled samples, each re-scored at train_steps of
-    its trainable steps (shuffled per sample), timesteps_per_forward of them folded into one UNet call (the same
-    gradient for N x the activations); an optimizer step every `accum` micro-batches. Appends the statistics to
-    `stats`. -> max |ratio - 1| before the first optimizer step (0 when on-policy, as the first pass must be)."""
+    """One pass over this process's samples: micro-batches of shuffled samples, each re-scored at train_steps
+    of its trainable steps (shuffled per sample), timesteps_per_forward of them folded into one UNet call (the
+    same gradient for N x the activations); an optimizer step every `accum` micro-batches. Appends the
+    statistics to `stats`. -> max |ratio - 1| before the first optimizer step (0 when on-policy, as the first
+    pass must be)."""
     n, per_forward = len(advantages), cfg.train.timesteps_per_forward
     # drawn on the CPU (reproducible) and kept there too: the guidance scales are indexed on the host, so
     # guided_eps decides which UNet branches a forward needs without reading from the device
     perm = torch.randperm(n, generator=generator)  # (n,)
-    order = torch.stack([trainable[torch.randperm(len(trainable), generator=generator)] for _ in range(n)])  # (n, S)
+    order = torch.stack([trainable[torch.randperm(len(trainable), generator=generator)]
+                         for _ in range(n)])  # (n, S)
     device = advantages.device
     perm_dev, order_dev = perm.to(device), order.to(device)  # copied to the device once, not per forward
     micro = list(zip(perm.split(cfg.train.batch_size), perm_dev.split(cfg.train.batch_size)))
     ratio_err = 0.0
-    for m, (samples, samples_dev) in enumerate(tqdm(micro, desc=f"{where} training", leave=False, disable=not bars)):
+    for m, (samples, samples_dev) in enumerate(tqdm(micro, desc=f"{where} training", leave=False,
+                                                    disable=not bars)):
         pending = []  # per forward: loss, approx_kl, clipfrac, max |ratio - 1|, kept on the device
         for j in range(0, train_steps, per_forward):
             steps = slice(j, min(j + per_forward, train_steps))
-            rows, i = flat_pairs(samples_dev, order_dev, steps)  # (b*c,) on the device: index the trajectories
+            # (b*c,) on the device: index the trajectories
+            rows, i = flat_pairs(samples_dev, order_dev, steps)
             w = data["guidance"][flat_pairs(samples, order, steps)]  # (b*c,) on the host
             with precision.autocast():
                 log_prob = diffusion.step_log_prob(models, data["latents"][rows, i], timesteps[i],
-                                                   data["latents"][rows, i + 1], data["cond"][rows], uncond, w,
-                                                   cfg.sample.eta, cfg.sample.num_steps)
-            loss, ratio, approx_kl, clipfrac = ppo_loss(log_prob, data["log_probs"][rows, i], advantages[rows],
-                                                        cfg.train.clip_range)
+                                                   data["latents"][rows, i + 1], data["cond"][rows], uncond,
+                                                   w, cfg.sample.eta, cfg.sample.num_steps)
+            loss, ratio, approx_kl, clipfrac = ppo_loss(log_prob, data["log_probs"][rows, i],
+                                                        advantages[rows], cfg.train.clip_range)
             # a mean over b*c transitions, weighted so that an optimizer step averages all of its transitions
             precision.backward(loss * (steps.stop - steps.start) / (accum * train_steps))
-            pending.append(torch.stack([loss.detach(), approx_kl.detach(), clipfrac, (ratio.detach() - 1).abs().max()]).float())
+            pending.append(torch.stack([loss.detach(), approx_kl.detach(), clipfrac,
+                                        (ratio.detach() - 1).abs().max()]).float())
         # read once per micro-batch: a host-device synchronisation per forward would stall the GPU
         read = torch.stack(pending).cpu()  # (forwards, 4)
-        if not torch.isfinite(read[:, 0]).all():  # checked here: under float16 a non-finite gradient may be the scaler's
+        # checked here: under float16 a non-finite gradient may be the scaler's
+        if not torch.isfinite(read[:, 0]).all():
             raise FloatingPointError(f"{where}, micro-batch {m}: non-finite loss.")
         for k, column in zip(("loss", "approx_kl", "clipfrac"), read.T):
             stats[k].extend(column.tolist())

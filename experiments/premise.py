@@ -13,7 +13,7 @@ mean reward; the share of successes (toy-dial-success); and, per seed, the share
 groups DDPO normalises rewards in) whose success rewards are not all equal, i.e. that give DDPO a nonzero
 advantage on the success reward.
 
-    python experiments/premise.py                    # 12 seeds x 256 samples per cell; about an hour on 2 CPU cores
+    python experiments/premise.py                    # 12 seeds x 256 samples per cell; about 45 minutes on 2 CPU cores
     python experiments/premise.py --seeds 1          # a quick look (seconds per cell: printed)
 
 Each seed's images are kept in OUT/seed-N.pt (16 MB), so an interrupted run resumes where it stopped and a

@@ -33,7 +33,7 @@ SEEDS = (0, 1, 2, 3, 4)
 TASKS = ("toy", "toy-classifier")  # the presets: the aesthetic analogue (toy-aesthetic) and prompt fidelity
 TRAINERS = ("alignprop", "ddpo")
 ARMS = {"diffexp": [], "baseline": ["--no-diffexp"]}
-ABLATIONS = {  # AlignProp x toy only. t900 / t700: the paper's thresholds mapped to the toy schedule (toy.py)
+ABLATIONS = {  # AlignProp x toy only. t900 / t700: the paper's thresholds mapped to the toy schedule (toy_pretrain.py)
     "cfg-only": ["--explore.no-prompt-weighting"],
     "weighting-only": ["--explore.no-cfg-schedule"],
     "t900": ["--explore.t-thres", "650"],

@@ -1,6 +1,7 @@
 """bench.py: the tiny preset, shrunk to seconds, runs every stage and writes well-formed JSON lines; the
-FLOP count of a UNet call is positive and deterministic. bench_gpu.py: the GPU suite's code path runs on
-the tiny models, keeps to its budget and records failures, and its table renders every record."""
+FLOP count of a UNet call is positive and deterministic. bench_gpu.py and bench_parts.py: the GPU suite's
+code path runs on the tiny models, keeps to its budget and records failures, and its table renders every
+record."""
 
 import json
 import math
@@ -16,6 +17,7 @@ import torch
 
 import bench
 import bench_gpu
+import bench_parts
 import diffusion
 from scaffold import read_metrics
 
@@ -119,7 +121,7 @@ def test_gpu_suite_runs_every_part_on_the_tiny_models(tmp_path):
     header, footer, rows = records[0], records[-1], measurements(records)
     assert header["part"] == "header" and footer["part"] == "footer"
     assert header["card"] and header["driver"] is None and header["torch"] == torch.__version__
-    assert set(footer["part_s"]) == set(bench_gpu.PART_SECONDS) == {r["part"] for r in rows}
+    assert set(footer["part_s"]) == set(bench_parts.PART_SECONDS) == {r["part"] for r in rows}
     for r in rows:
         assert all(f in r for f in TABLE_FIELDS), r
         if r["status"] == "skipped":
@@ -166,7 +168,7 @@ def test_suite_with_no_budget_left_skips_every_part(tmp_path):
     out = tmp_path / "suite.jsonl"
     records = suite(["--budget-s", "0", "--out", str(out)])
     rows = measurements(records)
-    assert [r["part"] for r in rows] == list(bench_gpu.PART_SECONDS)
+    assert [r["part"] for r in rows] == list(bench_parts.PART_SECONDS)
     assert all(r["status"] == "skipped" and r["error"].startswith("budget: 0 s left") for r in rows)
     assert text_rows(bench_gpu.render(records)) == len(rows)
 
@@ -192,9 +194,9 @@ def test_suite_records_a_failing_part_and_runs_the_next(tmp_path, monkeypatch):
     def run_part(run):
         ran.append(1)
         return "diffexp"
-    monkeypatch.setitem(bench_gpu.PARTS, "sweep", boom)
-    monkeypatch.setitem(bench_gpu.PARTS, "ddpo", oom)
-    monkeypatch.setitem(bench_gpu.PARTS, "diffexp", fine)
+    monkeypatch.setitem(bench_parts.PARTS, "sweep", boom)
+    monkeypatch.setitem(bench_parts.PARTS, "ddpo", oom)
+    monkeypatch.setitem(bench_parts.PARTS, "diffexp", fine)
     out = tmp_path / "suite.jsonl"
     records = measurements(suite(["--out", str(out), "--parts", "sweep", "ddpo", "diffexp"]))
     assert [(r["part"], r["status"], r["error"]) for r in records] == [
@@ -203,7 +205,7 @@ def test_suite_records_a_failing_part_and_runs_the_next(tmp_path, monkeypatch):
 
     def slow(run):
         time.sleep(0.3)
-    monkeypatch.setitem(bench_gpu.PARTS, "sweep", slow)
+    monkeypatch.setitem(bench_parts.PARTS, "sweep", slow)
     records = measurements(suite(["--out", str(out), "--budget-s", "0.2", "--parts", "sweep", "diffexp",
                                   "trl"]))
     assert [(r["part"], r["status"]) for r in records] == [("diffexp", "skipped"), ("trl", "skipped")]
@@ -218,15 +220,15 @@ def test_sweep_config_stopped_at_the_deadline_is_an_error_record(tmp_path, monke
     """A compiled configuration runs in a child process with the time left as its limit; stopped there,
     it is an error record and the sweep goes on."""
     def child(target, payload, timeout=None):
-        assert target == "bench_gpu.compile_child" and payload["mode"] == "max-autotune-no-cudagraphs"
+        assert target == "bench_parts.compile_child" and payload["mode"] == "max-autotune-no-cudagraphs"
         timeouts.append(timeout)
         raise subprocess.TimeoutExpired("python", timeout)
     timeouts = []
-    monkeypatch.setattr(bench_gpu, "child", child)
+    monkeypatch.setattr(bench_parts, "child", child)
     for budget in (100, 1000):  # the time left, or the cap (180 s) when less
         cfg = bench_gpu.cli(["run-tiny", "--out", str(tmp_path / "s.jsonl"), "--budget-s", str(budget)])
         run = bench_gpu.Run(cfg, time.monotonic())
-        assert bench_gpu.sweep_measure(run, "compile-modes", 4, "max-autotune-no-cudagraphs") is None
+        assert bench_parts.sweep_measure(run, "compile-modes", 4, "max-autotune-no-cudagraphs") is None
         assert [(r["status"], r["error"]) for r in run.records] == [
             ("error", f"stopped after {timeouts[-1]:.0f} s (the compile cap or the deadline)")]
     assert 99 < timeouts[0] <= 100 and timeouts[1] == 180
@@ -235,7 +237,7 @@ def test_sweep_config_stopped_at_the_deadline_is_an_error_record(tmp_path, monke
 
 def test_child_time_limit():
     with pytest.raises(subprocess.TimeoutExpired):
-        bench.child("bench_gpu.compile_child", {}, timeout=0.5)
+        bench.child("bench_parts.compile_child", {}, timeout=0.5)
 
 
 def test_load_models_draws_in_a_device_context_with_the_scheduler_on_the_host(tiny):
@@ -259,7 +261,7 @@ def test_trainer_child_hands_the_trainer_its_loader(monkeypatch):
     trainer.cli, trainer.main = (lambda args: tuple(args)), main
     monkeypatch.setitem(sys.modules, "a_trainer", trainer)
     loader = diffusion.load_models
-    peak = bench_gpu.trainer_child(dict(trainer="a_trainer", args=["--flag"]))
+    peak = bench_parts.trainer_child(dict(trainer="a_trainer", args=["--flag"]))
     assert seen == dict(cfg=("--flag",), loader=bench.load_models) and diffusion.load_models is loader
     assert peak["peak_mem_mb"] > 0 and peak["memory_method"] == "peak RSS of the process"
 
@@ -270,7 +272,7 @@ def test_suite_stopped_from_outside_still_writes_its_footer(tmp_path, monkeypatc
     def stopped(run):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this ends
-    monkeypatch.setitem(bench_gpu.PARTS, "sweep", stopped)
+    monkeypatch.setitem(bench_parts.PARTS, "sweep", stopped)
     out = tmp_path / "suite.jsonl"
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit):

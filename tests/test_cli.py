@@ -266,3 +266,26 @@ def test_toy_presets_use_the_mapped_t_thres():
         assert trainer.TOY_T_THRES == toy_pretrain.T_THRES and abs(trainer.TOY_T_THRES - toy_pretrain.snr_matched_t(800)) <= 1
         for preset in ("toy", "toy-classifier"):
             assert trainer.PRESETS[preset][1].explore.t_thres == trainer.TOY_T_THRES
+
+
+def test_sample_grids_say_their_epoch_and_whether_exploring(tmp_path, monkeypatch):
+    """Each epoch's grid is titled with the run, the epoch and whether its samples were drawn exploring."""
+    import plots
+    titles, save_grid = [], plots.save_grid
+
+    def spy(images, path, **kw):
+        titles.append(kw.get("title"))
+        return save_grid(images, path, **kw)
+    monkeypatch.setattr(plots, "save_grid", spy)
+    cfg = small_alignprop(tmp_path, num_epochs=2)
+    train_alignprop.main(dataclasses.replace(cfg, explore=dataclasses.replace(cfg.explore, explore_until=0.5)))
+    assert titles == ["alignprop-tiny, epoch 0: training samples (exploring)",
+                      "alignprop-tiny, epoch 1: training samples (plain)"]
+
+
+def test_loading_a_model_folder_prints_no_progress_bar(tmp_path):
+    """transformers' "Loading weights" bar would land in every run's log: loading the toy model prints nothing."""
+    code = "import diffusion; diffusion.load_models('weights/toy')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Loading weights" not in out.stderr + out.stdout, out.stderr[-2000:]

@@ -3,6 +3,7 @@ sampling (determinism, re-scoring, the gradient switch), model loading, prompt s
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -328,7 +329,8 @@ def test_local_folder_loads(tiny, tiny_folder):
 
 
 def test_hub_id_offline_error(tmp_path):
-    """Offline, a hub id (and sd15, sdxl) fails with a ConfigError naming the id and suggesting --model DIR.
+    """Offline, a hub id (and sd15, sdxl) fails with a ConfigError naming the id, the download command that the
+    installed huggingface_hub ships, --model DIR and HF_HUB_OFFLINE, without first trying the network.
     Runs in a subprocess because huggingface_hub reads HF_HUB_OFFLINE at import; an empty cache."""
     code = ("import diffusion\n"
             "for name in ('someone/no-such-model', 'sd15', 'sdxl'):\n"
@@ -342,7 +344,11 @@ def test_hub_id_offline_error(tmp_path):
     errors = [line for line in out.stdout.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 3, out.stdout + out.stderr
     for line, hub_id in zip(errors, ("someone/no-such-model", diffusion.SD15_HUB_ID, diffusion.SDXL_HUB_ID)):
-        assert hub_id in line and "--model DIR" in line
+        assert hub_id in line and "--model DIR" in line and "HF_HUB_OFFLINE=1" in line
+        assert f"`hf download {hub_id} --local-dir DIR`" in line and "huggingface-cli" not in line
+    assert "Retrying" not in out.stderr and "retry" not in out.stderr.lower()  # no network attempts first
+    hf = shutil.which("hf", path=os.path.dirname(sys.executable))
+    assert hf, "the command the message names is installed with huggingface_hub"
 
 
 def test_sd15_random_architecture():

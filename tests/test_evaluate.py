@@ -210,7 +210,7 @@ def test_a_pattern_skips_failed_runs_but_a_named_one_fails(tmp_path, lora_models
         (runs / name / "config.json").write_text("{}")
     assert evaluate.expand_checkpoints([f"tuned={runs}/ap-*"]) == [f"tuned={runs / 'ap-s0'}"]
     assert capsys.readouterr().out.splitlines() == [
-        f"--checkpoints tuned={runs}/ap-*: skipped {runs / name}: no LoRA checkpoint (a failed run?)"
+        f"--checkpoints tuned={runs}/ap-*: skipped {runs / name}: no LoRA weights (a failed run?)"
         for name in ("ap-s1", "ap-s2")]
     with pytest.raises(ConfigError, match=r"ap-s\[12\].* matches no run or checkpoint with LoRA weights"):
         evaluate.expand_checkpoints([f"{runs}/ap-s[12]"])

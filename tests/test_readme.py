@@ -29,9 +29,9 @@ SHRINK = {
     ("evaluate.py", "score"): "--num-steps 2 --samples-per-prompt 1",
     ("compare.py", None): "",
     ("bench.py", None): "--stages sample --burn-in 0 --iters 1",
-    ("toy.py", "eval"): "--per-caption 1 --num-steps 2 --threads 1",
-    ("toy.py", "pretrain"): "--steps 2 --out pretrained-toy",
-    ("toy.py", "train-classifier"): "--steps 2 --out classifier.safetensors",
+    ("toy_pretrain.py", "eval"): "--per-caption 1 --num-steps 2 --threads 1",
+    ("toy_pretrain.py", "pretrain"): "--steps 2 --out pretrained-toy",
+    ("toy_pretrain.py", "train-classifier"): "--steps 2 --out classifier.safetensors",
 }
 
 

@@ -107,7 +107,9 @@ def test_differentiable_rewards(name, tiny_rewards):
     r = reward_fn(images, prompts)
     assert r.shape == (3,) and r.dtype == torch.float32 and torch.isfinite(r).all()
     r.sum().backward()
-    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    assert torch.isfinite(images.grad).all()
+    if name != "toy-dial-sparse":  # by design 0 with no gradient far from its target (test_toy: near it)
+        assert images.grad.abs().sum() > 0
 
     perm = torch.tensor([2, 0, 1])
     with torch.no_grad():
