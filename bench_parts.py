@@ -75,6 +75,13 @@ ALIGNPROP_MEMORY_GOAL_GIB = 24  # K = all at batch 4 must fit a 24 GB card
 SDXL_MEMORY_GOAL_GIB = 80  # the SDXL presets are sized for one 80 GB GPU
 
 
+# -----------------------------------------------------------------------------
+# The parts
+
+
+# ---- shared: an exception as a record's error (the runner's too), the UNet rows of a guidance schedule
+
+
 def error_text(e: Exception) -> str:
     return "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else f"{type(e).__name__}: {e}"
 
@@ -82,10 +89,6 @@ def error_text(e: Exception) -> str:
 def guidance_rows(guidance: torch.Tensor) -> int:
     """UNet rows that guided_eps runs for these guidance scales: uncond where w != 1, cond where w != 0."""
     return int((guidance != 1).sum() + (guidance != 0).sum())
-
-
-# -----------------------------------------------------------------------------
-# The parts
 
 
 # ---- part: the sampling MFU sweep

@@ -224,7 +224,7 @@ def ppo_loss(log_prob, old_log_prob, advantages, clip_range: float):
 
 
 def main(cfg: Config, load_models=diffusion.load_models):
-    """Trains with cfg. load_models: how the models are loaded (bench_gpu.py passes one that draws random
+    """Trains with cfg. load_models: how the models are loaded (bench_parts.py passes one that draws random
     full-size weights on the GPU)."""
     return scaffold.run_guarded(functools.partial(train, load_models=load_models), cfg)
 
