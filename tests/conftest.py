@@ -7,10 +7,15 @@ copy of the UNet.
 import copy
 import dataclasses
 import os
+import socket
 import sys
 
 import pytest
-import torch
+
+# One thread per test process (pytest -n runs several), also in every process a test starts: the trainers'
+# --threads 0 keeps OMP_NUM_THREADS when it is set, and would otherwise take every core in each process.
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import diffusion  # noqa: E402
@@ -93,3 +98,13 @@ def lora_models(tiny):
                     layer.lora_B.weight.copy_(0.1 * torch.randn(layer.lora_B.weight.shape, generator=g))
         return dataclasses.replace(tiny, unet=unet), params
     return make
+
+
+@pytest.fixture
+def free_port():
+    """A TCP port no process listens on now, for torchrun's --master_port: tests run in parallel (pytest -n),
+    so fixed ports collide. The OS picks it (bind to port 0); the short window before torchrun binds it
+    is the only chance of a clash."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

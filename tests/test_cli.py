@@ -40,9 +40,9 @@ def test_config_error_is_one_line_and_exit_2(flags, flag):
     assert len(errors) == 1 and flag in errors[0], out.stderr[-2000:]
 
 
-def test_config_error_is_printed_once_under_torchrun(tmp_path):
+def test_config_error_is_printed_once_under_torchrun(tmp_path, free_port):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    out = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29613", "train_ddpo.py", "tiny", "--num-epochs", "0",
+    out = subprocess.run([torchrun, "--nproc_per_node=2", f"--master_port={free_port}", "train_ddpo.py", "tiny", "--num-epochs", "0",
                           "--run-dir", str(tmp_path / "run")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     text = out.stdout + out.stderr

@@ -31,10 +31,10 @@ def run(script, run_dir, nproc, port):
         os.path.join(run_dir, "metrics.jsonl"))
 
 
-@pytest.mark.parametrize("script, port", [("train_ddpo.py", 29611), ("train_alignprop.py", 29612)])
-def test_two_processes_equal_one(tmp_path, script, port):
-    one, m1 = run(script, tmp_path / "one", 1, port)
-    two, m2 = run(script, tmp_path / "two", 2, port)  # would fail inside if the ranks' weights differed
+@pytest.mark.parametrize("script", ["train_ddpo.py", "train_alignprop.py"])
+def test_two_processes_equal_one(tmp_path, script, free_port):
+    one, m1 = run(script, tmp_path / "one", 1, free_port)
+    two, m2 = run(script, tmp_path / "two", 2, free_port)  # would fail inside if the ranks' weights differed
     # the same samples: identical rewards in the first epoch (before any update), close after
     assert m1[0]["reward_mean"] == pytest.approx(m2[0]["reward_mean"], abs=1e-6)
     assert [r["reward_queries"] for r in m1] == [r["reward_queries"] for r in m2]
@@ -62,15 +62,15 @@ with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".txt"), "w") as f
 """
 
 
-@pytest.mark.parametrize("trainer, port", [("train_ddpo", 29614), ("train_alignprop", 29615)])
-def test_every_process_returns_after_the_last_checkpoint(tmp_path, trainer, port):
+@pytest.mark.parametrize("trainer", ["train_ddpo", "train_alignprop"])
+def test_every_process_returns_after_the_last_checkpoint(tmp_path, trainer, free_port):
     """The shared tail (scaffold.Run) under torchrun x2: process 0 evaluates, draws, logs and checkpoints the
     last epoch while process 1 has nothing left to do; both must return with that checkpoint on disk."""
     args = ["tiny", "--num-epochs", "2", "--run-dir", str(tmp_path / "run"), "--eval.every", "1",
             "--eval.samples-per-prompt", "1", *FLAGS[trainer + ".py"]]
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(root=ROOT, trainer=trainer, args=args, out=str(tmp_path)))
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
                           str(driver)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

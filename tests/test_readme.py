@@ -82,14 +82,14 @@ def parse_only(command: str):
     module.cli(words[i + 1:])
 
 
-def test_readme_commands(tmp_path):
+def test_readme_commands(tmp_path, free_port):
     commands = readme_commands()
     assert len(commands) >= 8, commands
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     for link in ("prompts", "weights"):
         os.symlink(os.path.join(ROOT, link), tmp_path / link)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, WANDB_MODE="offline", WANDB_SILENT="true",
-               PET_MASTER_PORT="29614")  # torchrun's --master-port: a port no other test uses (they may run in parallel)
+               PET_MASTER_PORT=str(free_port))  # torchrun's --master-port, free now
     python = sys.executable
     ran = []
     for command in commands:
