@@ -11,9 +11,10 @@ one line naming it; a folder named outright must have its metrics.jsonl.
 
 compare writes OUT (a PNG; default runs/compare.png) and OUT with .json: per group the final reward (mean
 ± std over runs) and the reward queries needed to reach a fraction of the baseline's improvement, with the
-speedup and its bootstrap 95% interval over runs (see sample_efficiency). Where a group and the baseline
-hold runs of the same seeds (the seed in each run's config.json), the speedup is also given paired by
-seed, with its interval (the paired_* keys), unless --no-paired.
+speedup and its bootstrap 95% interval over runs (see sample_efficiency), and each run's area under its
+curve (its mean level over the queries it spent: `auc_*`). Where a group and the baseline hold runs of the
+same seeds (the seed in each run's config.json), the speedup and the difference in area are also given
+paired by seed, with their intervals (the paired_* keys), unless --no-paired.
 
 Sections: reading runs | curves | sample efficiency | the plot and the command.
 """
@@ -40,6 +41,7 @@ class CompareConfig:
     groups: tuple[str, ...]
     baseline: str | None = None  # label of the baseline group; default: the last group
     fraction: float = 0.9  # threshold = r0 + fraction * (r_final - r0) of the baseline's mean curve
+    threshold: float | None = None  # an absolute threshold instead (e.g. a success rate), fixed in advance
     metric: str = "reward_mean"  # metrics.jsonl key on the y axis (records without it are skipped)
     smooth: Literal["none", "ema", "ma"] = "none"  # per-run smoothing before averaging and thresholding
     smooth_window: int = 5  # moving-average window in records; EMA with alpha = 2 / (window + 1)
@@ -208,6 +210,26 @@ def paired_bootstrap_ratio(a: list[float], b: list[float], n: int = 10_000,
     return (a_t.mean() / b_t.mean()).item(), lo, hi
 
 
+def paired_bootstrap_diff(a: list[float], b: list[float], n: int = 10_000,
+                          seed: int = 0) -> tuple[float, float, float]:
+    """mean(a - b) for paired values and its 95% percentile-bootstrap interval, the seeds resampled as in
+    paired_bootstrap_ratio."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_bootstrap_diff: {len(a)} and {len(b)} values; pairs need equal numbers.")
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    idx = torch.randint(len(d), (n, len(d)), generator=torch.Generator().manual_seed(seed))
+    lo, hi = torch.quantile(d[idx].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return d.mean().item(), lo, hi
+
+
+def area(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The curve's mean level over the queries it spans: the trapezoid area under y(x) / (x_last - x_first);
+    a single record is its own value."""
+    if len(x) < 2:
+        return y[0].item()
+    return (torch.trapezoid(y.double(), x.double()) / (x[-1] - x[0]).double()).item()
+
+
 def shared_seeds(a: list[int | None], b: list[int | None]) -> list[int]:
     """The seeds that two groups' runs both hold, sorted; none where a run's seed is unknown or a seed
     repeats within a group (runs could not be matched one to one)."""
@@ -217,7 +239,7 @@ def shared_seeds(a: list[int | None], b: list[int | None]) -> list[int]:
 
 
 def sample_efficiency(groups: dict[str, dict], baseline: str, fraction: float,
-                      seeds: dict[str, list] | None = None) -> dict:
+                      seeds: dict[str, list] | None = None, threshold: float | None = None) -> dict:
     """Reward queries each group needs to reach threshold = r0 + fraction * (r_final - r0), where r0 is the
     baseline's first-record reward (mean over its runs) and r_final the last point of the baseline's mean
     curve. Measuring the improvement over r0, not a fraction of r_final itself, keeps the definition
@@ -226,16 +248,21 @@ def sample_efficiency(groups: dict[str, dict], baseline: str, fraction: float,
     run's own curve. Per run, a run that never reaches the threshold counts at its last record's queries
     (a lower bound: it needs at least that many; counted in `not_reached`). `speedup_per_run` = mean over
     the baseline's runs / mean over the group's runs, with a bootstrap 95% interval over runs (seeds).
-    Undefined (None) when the baseline did not improve.
+    Undefined (None) when the baseline did not improve. An absolute `threshold` replaces the rule (and is
+    used whether or not the baseline improved): a level fixed in advance, e.g. a success rate.
+    Per group also `auc_per_run` (each run's raw curve's mean level, area), `auc_mean`, `auc_std`.
     With `seeds` ({label: each run's seed}), also per group: `paired_seeds` (the seeds it shares with the
     baseline), `speedup_paired` (the same ratio over those seeds) and `speedup_paired_ci95` (the paired
-    bootstrap over them); both None with fewer than 2 shared seeds."""
+    bootstrap over them), and `auc_diff_paired` / `auc_diff_paired_ci95` (group minus baseline, paired);
+    all None with fewer than 2 shared seeds."""
     base = groups[baseline]
     r0, r_final = base["first"], base["mean"][-1].item()
-    threshold = r0 + fraction * (r_final - r0) if r_final > r0 else None
+    if threshold is None:
+        threshold = r0 + fraction * (r_final - r0) if r_final > r0 else None
     base_q = queries_to_reach(base["grid"], base["mean"], threshold) if threshold is not None else None
     summary = {"baseline": baseline, "fraction": fraction, "r0": r0, "r_final": r_final,
                "threshold": threshold, "groups": {}}
+    aucs = {label: [area(x, y) for x, y, _ in g["curves"]] for label, g in groups.items()}
 
     def per_run(g):  # (queries per run, censored at the budget; how many never reached the threshold)
         qs = [queries_to_reach(x, s, threshold) for x, _, s in g["curves"]]
@@ -250,17 +277,23 @@ def sample_efficiency(groups: dict[str, dict], baseline: str, fraction: float,
             "queries_to_threshold": q, "queries_to_threshold_per_run": runs_q, "not_reached": missed,
             "speedup": base_q / q if q and base_q else None,
             "speedup_per_run": ratio[0] if ratio else None,
-            "speedup_ci95": list(ratio[1:]) if ratio else None}
+            "speedup_ci95": list(ratio[1:]) if ratio else None,
+            "auc_per_run": aucs[label], "auc_mean": sum(aucs[label]) / len(aucs[label]),
+            "auc_std": torch.tensor(aucs[label]).std().item() if len(aucs[label]) > 1 else 0.0}
         if seeds is not None:
             paired = shared_seeds(seeds[label], seeds[baseline])
-            ratio = None
+            ratio, diff = None, None
+            if len(paired) >= 2:
+                mine, theirs = dict(zip(seeds[label], aucs[label])), dict(zip(seeds[baseline], aucs[baseline]))
+                diff = paired_bootstrap_diff([mine[s] for s in paired], [theirs[s] for s in paired])
             if threshold is not None and len(paired) >= 2:
                 mine, theirs = dict(zip(seeds[label], runs_q)), dict(zip(seeds[baseline], base_runs))
                 if min(mine[s] for s in paired) > 0:
                     ratio = paired_bootstrap_ratio([theirs[s] for s in paired], [mine[s] for s in paired])
             summary["groups"][label].update(
                 paired_seeds=paired, speedup_paired=ratio[0] if ratio else None,
-                speedup_paired_ci95=list(ratio[1:]) if ratio else None)
+                speedup_paired_ci95=list(ratio[1:]) if ratio else None,
+                auc_diff_paired=diff[0] if diff else None, auc_diff_paired_ci95=list(diff[1:]) if diff else None)
     return summary
 
 
@@ -283,7 +316,7 @@ def plot_groups(groups: dict[str, dict], summary: dict, cfg: CompareConfig, ylab
             ax.plot([q], [summary["threshold"]], "o", color=line.get_color(), ms=5)
     if summary["threshold"] is not None:
         ax.axhline(summary["threshold"], color="gray", ls="--", lw=0.8,
-                   label=f"{cfg.fraction:g} of {summary['baseline']}'s improvement")
+                   label="threshold" if cfg.threshold is not None else f"{cfg.fraction:g} of {summary['baseline']}'s improvement")
     ax.set_xlabel("reward queries (generated training samples)")
     ax.set_ylabel(ylabel + (f" ({cfg.smooth}, window {cfg.smooth_window})" if cfg.smooth != "none" else ""))
     ax.set_title(cfg.title or f"mean over runs, band: {'±std' if cfg.band == 'std' else 'min-max'}")
@@ -299,7 +332,9 @@ def print_table(summary: dict, cfg: CompareConfig):
     baseline = summary["baseline"]
     smoothing = f", curves smoothed ({cfg.smooth}, window {cfg.smooth_window})" \
         if cfg.smooth != "none" else ""
-    if summary["threshold"] is None:
+    if cfg.threshold is not None:
+        print0(f"threshold {cfg.threshold:g} (--threshold){smoothing}")
+    elif summary["threshold"] is None:
         print0(f"baseline {baseline} did not improve on its first record ({summary['r0']:.4g} -> "
                f"{summary['r_final']:.4g}): queries-to-threshold is undefined.")
     else:
@@ -316,12 +351,15 @@ def print_table(summary: dict, cfg: CompareConfig):
             f"{s['speedup_per_run']:.2f}x [{s['speedup_ci95'][0]:.2f}, {s['speedup_ci95'][1]:.2f}]"
         print0(f"{label:<16} {len(s['runs']):>4}  {s['final_mean']:<.4g} ± {s['final_std']:<15.3g} {q:>20} "
                f"{speed:>8}  {per_run:>36} {ci:>28}")
-    if any(s.get("speedup_paired") is not None for s in summary["groups"].values()):
-        print0(f"speedup paired by seed with {baseline}'s runs, 95% CI over the shared seeds:")
+    if any(s.get("auc_diff_paired") is not None for s in summary["groups"].values()):
+        print0(f"paired by seed with {baseline}'s runs, 95% CI over the shared seeds: the speedup; the "
+               f"difference in area (mean level of {cfg.metric} over the queries)")
         for label, s in summary["groups"].items():
             lo, hi = s["speedup_paired_ci95"] or (None, None)
             ci = "-" if s["speedup_paired"] is None else f"{s['speedup_paired']:.2f}x [{lo:.2f}, {hi:.2f}]"
-            print0(f"{label:<16} {len(s['paired_seeds']):>4} shared seeds  {ci}")
+            d = s["auc_diff_paired"]
+            auc = "-" if d is None else f"{d:+.4g} [{s['auc_diff_paired_ci95'][0]:+.4g}, {s['auc_diff_paired_ci95'][1]:+.4g}]"
+            print0(f"{label:<16} {len(s['paired_seeds']):>4} shared seeds  {ci:>24}  {auc}")
 
 
 def compare(cfg: CompareConfig) -> dict:
@@ -333,7 +371,7 @@ def compare(cfg: CompareConfig) -> dict:
         raise ConfigError(f"--fraction {cfg.fraction}: must lie in (0, 1].")
     groups = {label: group_curves(r, cfg.metric, cfg.smooth, cfg.smooth_window) for label, r in runs.items()}
     seeds = {label: run_seeds(r) for label, r in runs.items()} if cfg.paired else None
-    summary = sample_efficiency(groups, baseline, cfg.fraction, seeds)
+    summary = sample_efficiency(groups, baseline, cfg.fraction, seeds, cfg.threshold)
     summary.update(metric=cfg.metric, smooth=cfg.smooth, smooth_window=cfg.smooth_window)
 
     # the reward's name for the y axis, when all runs were trained on the same one

@@ -66,6 +66,7 @@ class EvalConfig:
     every: int = 0  # epochs between evaluations with fixed seeds, plain prompts and w_high (0: never); also before training
     plain: bool = True  # evaluate the training prompts too (plain_reward_*): the plain policy's reward, unbiased by exploration
     prompts: str = "unseen-animals"  # the held-out prompt set (heldout_reward_*)
+    rewards: tuple[RewardName, ...] = ()  # further rewards scored on the same samples: plain_NAME_mean, heldout_NAME_mean
     samples_per_prompt: int = 4
     batch_size: int = 8
     diversity: bool = True  # log the CLIP diversity of each epoch's training samples (needs CLIP ViT-L/14)
@@ -172,41 +173,52 @@ def stats(values: torch.Tensor) -> dict:
 
 def heldout_score(models: diffusion.Models, prompts: list[Prompt], reward_fn, samples_per_prompt: int = 2,
                   num_steps: int = 50, eta: float = 0.0, guidance_scale: float = 7.5, seed: int = 0,
-                  batch_size: int = 8, embedder=None, prefix: str = "heldout") -> dict:
+                  batch_size: int = 8, embedder=None, prefix: str = "heldout", extra: dict | None = None) -> dict:
     """Reward of the CURRENT UNet on held-out prompts, for the trainers' metrics records:
-    {prefix_reward_mean, prefix_reward_std, prefix_reward_sem, prefix_samples} and, with a CLIP image
+    {prefix_reward_mean, prefix_reward_std, prefix_reward_sem, prefix_samples}, prefix_NAME_mean for each
+    reward of `extra` ({name: reward function}, scored on the same images) and, with a CLIP image
     `embedder`, prefix_diversity (diversity_by_prompt). Deterministic for fixed weights and arguments;
     touches neither the global RNG nor any generator of the caller; restores the UNet's train/eval mode."""
-    scores, embeddings, texts = [], [], []
+    scores, embeddings, texts, others = [], [], [], {name: [] for name in extra or {}}
     for prompt_idx, images in sample_batches(models, prompts, samples_per_prompt, num_steps, eta,
                                                 guidance_scale, seed, batch_size):
         batch_texts = [prompts[i].text for i in prompt_idx]
         with torch.no_grad():
             scores.append(reward_fn(images, batch_texts).float().cpu())
+            for name in others:
+                others[name].append(extra[name](images, batch_texts).float().cpu())
         if embedder is not None:
             embeddings.append(embed_images(images, embedder))
         texts += batch_texts
     s = stats(torch.cat(scores))
     out = {f"{prefix}_reward_mean": s["mean"], f"{prefix}_reward_std": s["std"],
            f"{prefix}_reward_sem": s["sem"], f"{prefix}_samples": s["n"]}
+    out |= {f"{prefix}_{name}_mean": torch.cat(v).double().mean().item() for name, v in others.items()}
     if embedder is not None:
         out[f"{prefix}_diversity"] = mean_diversity(torch.cat(embeddings), texts)
     return out
 
 
 def policy_scores(models: diffusion.Models, eval_cfg, train_prompts: list[Prompt], heldout: list[Prompt] | None, reward_fn,
-                  num_steps: int, eta: float, guidance_scale: float, seed: int, embedder=None) -> dict:
+                  num_steps: int, eta: float, guidance_scale: float, seed: int, embedder=None,
+                  extra: dict | None = None) -> dict:
     """The trainers' evaluation (--eval.*): the current UNet on fixed seeds with plain prompts and w_high, on the
     training prompts (plain_reward_*: the reward of the policy itself, which the training samples' reward
-    understates while DiffExp explores) and on the held-out prompts (heldout_reward_*)."""
+    understates while DiffExp explores) and on the held-out prompts (heldout_reward_*); the rewards of
+    `extra` (load_eval_rewards) on the same images."""
     out = {}
     if eval_cfg.plain:
         out.update(heldout_score(models, train_prompts, reward_fn, eval_cfg.samples_per_prompt, num_steps, eta,
-                                 guidance_scale, seed, eval_cfg.batch_size, None, prefix="plain"))
+                                 guidance_scale, seed, eval_cfg.batch_size, None, prefix="plain", extra=extra))
     if heldout:
         out.update(heldout_score(models, heldout, reward_fn, eval_cfg.samples_per_prompt, num_steps, eta,
-                                 guidance_scale, seed, eval_cfg.batch_size, embedder))
+                                 guidance_scale, seed, eval_cfg.batch_size, embedder, extra=extra))
     return out
+
+
+def load_eval_rewards(eval_cfg, device, dtype, tiny: bool) -> dict:
+    """--eval.rewards: {name: reward function}, each model loaded once (tiny: small random models)."""
+    return {name: rewards.make_reward(name, device=device, dtype=dtype, tiny=tiny) for name in eval_cfg.rewards}
 
 
 # -----------------------------------------------------------------------------

@@ -56,6 +56,22 @@ def active(cfg: ExploreConfig, progress: float) -> tuple[bool, bool]:
     return on and cfg.cfg_schedule, on and cfg.prompt_weighting
 
 
+def exploring_epochs(cfg: ExploreConfig, num_epochs: int) -> int:
+    """How many of the first epochs explore: those with progress epoch / num_epochs < explore_until, i.e.
+    ceil(explore_until x num_epochs). Every epoch spends the same reward queries, so this is exactly
+    explore_until of the queries when explore_until x num_epochs is a whole number (3/4: epochs divisible by 4)."""
+    return sum(any(active(cfg, epoch / num_epochs)) for epoch in range(num_epochs))
+
+
+def schedule_note(cfg: ExploreConfig, num_epochs: int) -> str:
+    """One start-up line: which epochs explore, and the share of the reward queries that is."""
+    k = exploring_epochs(cfg, num_epochs)
+    if k == 0:
+        return "exploration: off (the baseline)" if not cfg.diffexp else "exploration: no epoch explores"
+    return (f"exploration: epochs 0-{k - 1}, {k} of {num_epochs} = {k / num_epochs:.1%} of the reward queries "
+            f"(--explore.explore-until {cfg.explore_until:g})")
+
+
 def guidance_scales(timesteps: torch.Tensor, batch_size: int, w_high: float, cfg: ExploreConfig, schedule_on: bool) -> torch.Tensor:
     """Per-sample, per-step guidance scales (B, T): w_low where t > t_thres, w_high elsewhere."""
     w = torch.full((len(timesteps),), float(w_high))

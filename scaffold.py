@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 import common
+import explore
 import lora
 import plots
 from common import ConfigError, print0
@@ -441,6 +442,7 @@ class Run:
         self.unet, self.guard, self.training_state, self.policy_scores = unet, guard, training_state, policy_scores
         if rank == 0:
             write_config(cfg, run_dir)
+            print0(explore.schedule_note(cfg.explore, cfg.num_epochs))
         self.tracker = start_tracking(cfg, run_dir, rank, start_epoch, reward_queries, policy_scores)
         guard.arm(run_dir, unet, params, rank)
         guard.update(start_epoch, training_state(start_epoch))  # what a stop before the first epoch ends saves

@@ -233,6 +233,7 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
     uncond = diffusion.encode_text(models, [""])  # (1, 77, D) (SDXL: (1, 78, D)); never weighted
     embedder = (rewards.clip_image_embedder(device, dtype, cfg.eval.clip_tiny, cfg.eval.clip_weights)
                 if cfg.eval.diversity else None)
+    eval_rewards = evaluate.load_eval_rewards(cfg.eval, device, dtype, cfg.reward.tiny)  # --eval.rewards
     heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 and cfg.eval.prompts else None
     ts = diffusion.timesteps(models, T)  # (T,) on the host
     start_epoch, reward_queries = 0, 0
@@ -247,7 +248,7 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
 
     def policy_scores():  # fixed seeds, plain prompts, w_high: the training prompts and the held-out ones
         return evaluate.policy_scores(models, cfg.eval, prompt_set, heldout, reward_fn, T, cfg.sample.eta,
-                                      cfg.sample.guidance_scale, cfg.seed, embedder)
+                                      cfg.sample.guidance_scale, cfg.seed, embedder, eval_rewards)
 
     def training_state(epochs_done: int) -> dict:
         return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),

@@ -203,6 +203,16 @@ class PerPromptStatTracker:
         self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}
 
 
+def signal_share(prompts: list[str], rewards: torch.Tensor) -> float:
+    """The share of this epoch's prompt groups (the samples of one prompt) whose rewards are not all equal.
+    A group of equal rewards (a binary reward no sample reaches) gives its samples advantage 0 within the
+    group: no signal, whatever the buffer holds later."""
+    groups = {}
+    for p, r in zip(prompts, rewards.tolist()):
+        groups.setdefault(p, set()).add(r)
+    return sum(len(v) > 1 for v in groups.values()) / len(groups)
+
+
 def global_advantages(rewards: torch.Tensor) -> torch.Tensor:
     rewards = rewards.float()
     return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
@@ -291,6 +301,7 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
     uncond = diffusion.encode_text(models, [""])  # (1, 77, D) (SDXL: (1, 78, D)); never weighted
     embedder = (rewards.clip_image_embedder(device, dtype, cfg.eval.clip_tiny, cfg.eval.clip_weights)
                 if cfg.eval.diversity else None)
+    eval_rewards = evaluate.load_eval_rewards(cfg.eval, device, dtype, cfg.reward.tiny)  # --eval.rewards
     heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 and cfg.eval.prompts else None
     ts = diffusion.timesteps(models, T)  # (T,) on the host
     stat_tracker = PerPromptStatTracker(cfg.train.buffer_size, cfg.train.min_count)
@@ -307,7 +318,7 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
 
     def policy_scores():  # fixed seeds, plain prompts, w_high: the training prompts and the held-out ones
         return evaluate.policy_scores(models, cfg.eval, prompt_set, heldout, reward_fn, T, cfg.sample.eta,
-                                      cfg.sample.guidance_scale, cfg.seed, embedder)
+                                      cfg.sample.guidance_scale, cfg.seed, embedder, eval_rewards)
 
     def training_state(epochs_done: int) -> dict:
         return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
@@ -389,6 +400,7 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=diffusion.load
             first_ratio_err = max(common.all_gather(first_ratio_err, world))
         record = {"epoch": epoch, "reward_queries": reward_queries, **common.summarize(reward), **stats,
                   "first_ratio_err": first_ratio_err, "skipped_steps": skipped, "exploring": exploring,
+                  "signal_share": signal_share(prompts, reward),
                   "s_sample": t_sample, "s_reward": t_reward, "s_train": t_train,
                   "samples_per_s": N / t_sample,
                   "transitions_per_s": N * train_steps * cfg.train.inner_epochs / t_train}

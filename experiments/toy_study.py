@@ -89,8 +89,9 @@ def finished(run: Run) -> bool:
     return any(json.loads(line).get("epoch") == epochs - 1 for line in open(metrics) if line.strip())
 
 
-def execute(run: Run) -> float:
-    os.makedirs(OUT, exist_ok=True)
+def execute(run) -> float:
+    """One run (anything with .folder and .command()) on one thread, its output appended to FOLDER.log."""
+    os.makedirs(os.path.dirname(run.folder), exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     start = time.time()
     with open(run.folder + ".log", "a") as log:
@@ -98,10 +99,10 @@ def execute(run: Run) -> float:
     return time.time() - start
 
 
-def run_all(only: str = "", followup: bool = False):
-    todo = [r for r in all_runs(followup) if not finished(r) and (not only or f"{r.trainer}-{r.task}" == only)]
-    times_path = os.path.join(OUT, "times.json")
-    os.makedirs(OUT, exist_ok=True)
+def run_many(todo: list, out: str):
+    """The runs `todo`, two at a time, in order; each run's seconds in OUT/times.json."""
+    times_path = os.path.join(out, "times.json")
+    os.makedirs(out, exist_ok=True)
     times = json.load(open(times_path)) if os.path.isfile(times_path) else {}
     print(f"{len(todo)} runs to do, two at a time", flush=True)
     start = time.time()
@@ -117,6 +118,10 @@ def run_all(only: str = "", followup: bool = False):
         for future in [pool.submit(one, r) for r in todo]:
             future.result()
     print(f"all done in {(time.time() - start) / 3600:.2f} h", flush=True)
+
+
+def run_all(only: str = "", followup: bool = False):
+    run_many([r for r in all_runs(followup) if not finished(r) and (not only or f"{r.trainer}-{r.task}" == only)], OUT)
 
 
 # -----------------------------------------------------------------------------

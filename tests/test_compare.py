@@ -7,6 +7,7 @@ import math
 import os
 
 import pytest
+import torch
 
 import compare
 from common import ConfigError
@@ -178,7 +179,46 @@ def test_paired_bootstrap_over_shared_seeds_is_narrower(tmp_path):
     for g in unpaired["groups"].values():
         assert not any(k.startswith(("paired", "speedup_paired")) for k in g)
     assert unpaired["groups"]["dx"] == {k: v for k, v in dx.items() if k not in
-                                        ("paired_seeds", "speedup_paired", "speedup_paired_ci95")}
+                                        ("paired_seeds", "speedup_paired", "speedup_paired_ci95",
+                                         "auc_diff_paired", "auc_diff_paired_ci95")}
+
+
+def test_area_under_the_curve_and_its_paired_difference(tmp_path):
+    """Each run's area is its curve's mean level: a line from a to b has (a + b) / 2. DiffExp at seed s is
+    the baseline of seed s plus a constant c_s over every query: its paired difference is mean(c_s), with an
+    interval inside [min c, max c]; the unpaired spread of the areas is much wider (the seeds differ)."""
+    queries = [0, 100, 200, 400]
+    shift = [0.05, 0.1, 0.15, 0.1]
+    for s, level in enumerate([0.2, 0.6, 1.0, 1.4]):
+        base = [level + q / 1000 for q in queries]
+        write_run(tmp_path / f"base-{s}", queries, base, seed=s)
+        write_run(tmp_path / f"dx-{s}", queries, [v + shift[s] for v in base], seed=s)
+    summary = compare.main(["--groups", f"dx={tmp_path}/dx-*", f"base={tmp_path}/base-*",
+                            "--out", str(tmp_path / "c.png")])
+    base, dx = summary["groups"]["base"], summary["groups"]["dx"]
+    assert base["auc_per_run"] == pytest.approx([level + 0.2 for level in [0.2, 0.6, 1.0, 1.4]])  # (a + b) / 2 per run
+    assert dx["auc_mean"] - base["auc_mean"] == pytest.approx(0.1)
+    assert dx["auc_diff_paired"] == pytest.approx(0.1)
+    lo, hi = dx["auc_diff_paired_ci95"]
+    assert 0.05 - 1e-12 <= lo <= 0.1 <= hi <= 0.15 + 1e-12
+    assert base["auc_std"] > 0.4 and base["auc_diff_paired"] == pytest.approx(0.0)
+    assert compare.area(torch.tensor([5.0]), torch.tensor([0.3])) == pytest.approx(0.3)
+
+
+def test_an_absolute_threshold_replaces_the_fraction(tmp_path):
+    """--threshold: a success rate fixed in advance, used even where the baseline does not improve (flat at 0);
+    a run that never reaches it counts at its budget and is reported as not reached."""
+    queries = [0, 100, 200, 300, 400]
+    write_run(tmp_path / "base-0", queries, [0.0] * 5, seed=0)
+    write_run(tmp_path / "dx-0", queries, [0.0, 0.1, 0.3, 0.5, 0.5], seed=0)
+    flags = ["--groups", f"dx={tmp_path}/dx-*", f"base={tmp_path}/base-*", "--out", str(tmp_path / "c.png")]
+    assert compare.main(flags)["threshold"] is None  # the fraction rule: the baseline did not improve
+    summary = compare.main([*flags, "--threshold", "0.2"])
+    assert summary["threshold"] == 0.2
+    assert summary["groups"]["dx"]["queries_to_threshold"] == pytest.approx(150.0)  # 0.1 -> 0.3 between 100 and 200
+    assert summary["groups"]["base"]["queries_to_threshold_per_run"] == [400.0]
+    assert summary["groups"]["base"]["not_reached"] == 1
+    assert summary["groups"]["dx"]["speedup_per_run"] == pytest.approx(400 / 150)
 
 
 def test_no_paired_interval_without_shared_seeds(tmp_path):

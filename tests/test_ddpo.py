@@ -127,6 +127,15 @@ def test_tiny_run_raises_the_reward(tmp_path):
     recs = read(train_ddpo.main(cfg))
     first, last = recs[0]["reward_mean"], sum(r["reward_mean"] for r in recs[-2:]) / 2
     assert last > first + 0.01, [r["reward_mean"] for r in recs]
+    # a continuous reward: only a prompt drawn once in an epoch makes a group of equal rewards
+    assert all(0 < r["signal_share"] <= 1 for r in recs)
+
+
+def test_signal_share_counts_prompt_groups_with_unequal_rewards():
+    prompts = ["a", "a", "b", "b", "c", "c", "c"]
+    assert train_ddpo.signal_share(prompts, torch.tensor([0., 1., 0., 0., 1., 1., 1.])) == pytest.approx(1 / 3)
+    assert train_ddpo.signal_share(prompts, torch.tensor([0., 1., 0., 1., 1., 0., 1.])) == 1.0
+    assert train_ddpo.signal_share(prompts, torch.zeros(7)) == 0.0  # a binary reward nobody reaches
 
 
 def test_timestep_range_trains_only_those_steps(tmp_path, monkeypatch):

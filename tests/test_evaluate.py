@@ -291,7 +291,8 @@ def test_trainers_evaluate_the_plain_policy_before_and_during_training(tmp_path)
     import diffusion
     import train_alignprop
     from test_alignprop import small
-    eval_cfg = evaluate.EvalConfig(every=1, prompts="unseen-animals", samples_per_prompt=1, diversity=False)
+    eval_cfg = evaluate.EvalConfig(every=1, prompts="unseen-animals", samples_per_prompt=1, diversity=False,
+                                   rewards=("contrast",))
     cfg = small(tmp_path, num_epochs=2, eval=eval_cfg)
     run = train_alignprop.main(cfg)
     records = scaffold.read_metrics(os.path.join(run, "metrics.jsonl"))
@@ -304,4 +305,9 @@ def test_trainers_evaluate_the_plain_policy_before_and_during_training(tmp_path)
         expected = evaluate.heldout_score(models, diffusion.load_prompts(prompts), reward_fn, 1, cfg.sample.num_steps,
                                           cfg.sample.eta, cfg.sample.guidance_scale, cfg.seed, eval_cfg.batch_size, prefix=prefix)
         assert records[0][f"{prefix}_reward_mean"] == pytest.approx(expected[f"{prefix}_reward_mean"], abs=1e-6)
+        # --eval.rewards contrast: scored on the same images as the training reward
+        contrast = evaluate.heldout_score(models, diffusion.load_prompts(prompts), rewards.make_reward("contrast"), 1,
+                                          cfg.sample.num_steps, cfg.sample.eta, cfg.sample.guidance_scale, cfg.seed,
+                                          eval_cfg.batch_size, prefix=prefix)
+        assert records[0][f"{prefix}_contrast_mean"] == pytest.approx(contrast[f"{prefix}_reward_mean"], abs=1e-6)
     assert records[2]["plain_reward_mean"] != records[0]["plain_reward_mean"]  # the policy moved

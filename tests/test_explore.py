@@ -115,3 +115,14 @@ def test_invalid_settings_name_the_flag(kwargs, flag):
 def test_valid_defaults():
     explore.validate(ExploreConfig(), w_high=5.0)
     explore.validate(ExploreConfig(w_low=0.0, t_thres=0), w_high=0.0)
+
+
+def test_exploring_epochs_are_the_first_three_quarters():
+    """progress = epoch / epochs < 3/4: exactly 3/4 of the epochs (and queries) when epochs divide by 4, else
+    the next whole epoch (4 of 5 = 80%); none for the baseline or explore_until 0."""
+    cfg = ExploreConfig()
+    assert [explore.exploring_epochs(cfg, n) for n in (4, 5, 8, 20, 1)] == [3, 4, 6, 15, 1]
+    assert explore.exploring_epochs(dataclasses.replace(cfg, diffexp=False), 8) == 0
+    assert explore.exploring_epochs(dataclasses.replace(cfg, explore_until=0.0), 8) == 0
+    assert "epochs 0-3, 4 of 5 = 80.0% of the reward queries" in explore.schedule_note(cfg, 5)
+    assert explore.schedule_note(dataclasses.replace(cfg, diffexp=False), 5) == "exploration: off (the baseline)"

@@ -1,0 +1,258 @@
+"""
+When does DiffExp help? The premise study (experiments.md, section 8), as pre-registered there: both trainers on
+the toy world's sparsity dial (toy.py; the premise measured before any training in section 7), DiffExp against
+the baseline at each level, the two strategies alone and AlignProp with random truncation at the sparse end.
+
+    python experiments/premise_study.py pilot      # the pilot (seeds the study does not use): sets the budgets
+    python experiments/premise_study.py run        # every study run, two at a time on one thread each (resumable)
+    python experiments/premise_study.py run --only ddpo-sparse
+    python experiments/premise_study.py analyse    # tables (markdown) and the figure, on the seeds every arm finished
+    python experiments/premise_study.py list       # the runs and their commands, done or not
+
+Runs go to runs/premise-study/{pilot,study}/{trainer}-{level}-{arm}-s{seed}/, a log file beside each.
+`analyse` writes runs/premise-study/analysis.json, runs/premise-study/tables.md and docs/premise-study.png.
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import toy_study  # noqa: E402  (running runs two at a time, final-policy statistics)
+
+OUT = os.path.join(ROOT, "runs", "premise-study")
+SUCCESS = "toy-dial-success"
+TRAINERS = ("ddpo", "alignprop")
+LEVELS = ("dense", "medium", "sparse")
+# the reward each trainer trains on at each level: DDPO's sparse end is the binary success itself
+REWARD = {(trainer, level): f"toy-dial-{level}" for trainer in TRAINERS for level in LEVELS} | {("ddpo", "sparse"): SUCCESS}
+# Budgets in epochs (the presets' epochs: DDPO 256 reward queries, AlignProp 16), divisible by 4 so that
+# exploration (progress = epoch / epochs < 3/4) lasts exactly 3/4 of the queries. Set from the pilot
+# (experiments.md 8.2) before any study run.
+EPOCHS = {"ddpo": 8, "alignprop": 40}
+PILOT_EPOCHS = {"ddpo": 8, "alignprop": 48}
+EVAL_EVERY = {"ddpo": 1, "alignprop": 4}
+# every run: the plain policy on 96 samples per evaluation (12 prompts x 8 seeds), scored with the success
+# reward too (plain_toy-dial-success_mean), at each level
+COMMON = ["--eval.samples-per-prompt", "8", "--eval.rewards", SUCCESS]
+ARMS = {"diffexp": [], "baseline": ["--no-diffexp"]}
+SPARSE_ARMS = {"cfg-only": ["--explore.no-prompt-weighting"], "weighting-only": ["--explore.no-cfg-schedule"]}
+RANDOM_K = ["--truncation", "uniform", "--k-min", "1", "--k-max", "10"]  # AlignProp's randomized truncation
+SEEDS = {"dense": tuple(range(20, 25)), "medium": tuple(range(20, 25)), "sparse": tuple(range(20, 30))}
+PILOT_SEED = 90
+
+
+@dataclass(frozen=True)
+class Run:
+    phase: str  # pilot | study
+    trainer: str
+    level: str
+    arm: str
+    seed: int
+    flags: tuple
+
+    @property
+    def name(self):
+        return f"{self.trainer}-{self.level}-{self.arm}-s{self.seed}"
+
+    @property
+    def folder(self):
+        return os.path.join(OUT, self.phase, self.name)
+
+    def command(self):
+        epochs = (PILOT_EPOCHS if self.phase == "pilot" else EPOCHS)[self.trainer]
+        return [sys.executable, os.path.join(ROOT, f"train_{self.trainer}.py"), "toy", "--seed", str(self.seed),
+                "--reward.name", REWARD[self.trainer, self.level], "--num-epochs", str(epochs),
+                "--eval.every", str(EVAL_EVERY[self.trainer]), *COMMON, *self.flags,
+                "--run-dir", self.folder, "--resume", "auto"]
+
+
+def arms(trainer: str, level: str) -> dict[str, list[str]]:
+    """The arms of one trainer x level; the baseline last."""
+    out = {"diffexp": ARMS["diffexp"]}
+    if level == "sparse":
+        out |= SPARSE_ARMS
+        if trainer == "alignprop":
+            out |= {"diffexp-random-k": RANDOM_K, "baseline-random-k": ["--no-diffexp", *RANDOM_K]}
+    return out | {"baseline": ARMS["baseline"]}
+
+
+def pilot_runs() -> list[Run]:
+    """The baseline at every level and DiffExp at the sparse end, both trainers, one seed the study does not use."""
+    runs = []
+    for level, arm in [(level, "baseline") for level in LEVELS] + [("sparse", "diffexp")]:
+        runs += [Run("pilot", trainer, level, arm, PILOT_SEED, tuple(ARMS[arm])) for trainer in TRAINERS]
+    return runs
+
+
+def study_runs() -> list[Run]:
+    """Seed-major: an interrupted study has every arm of a level at the same number of seeds."""
+    runs = []
+    for seed in sorted(set(s for seeds in SEEDS.values() for s in seeds)):
+        for trainer in TRAINERS:
+            for level in LEVELS:
+                if seed in SEEDS[level]:
+                    runs += [Run("study", trainer, level, arm, seed, tuple(flags))
+                             for arm, flags in arms(trainer, level).items()]
+    return runs
+
+
+def finished(run: Run) -> bool:
+    return toy_study.finished(run)
+
+
+# -----------------------------------------------------------------------------
+# Analysis
+
+def primary_metric(level: str) -> str:
+    """The plain policy's reward at the dense and medium levels; its success rate at the sparse end."""
+    return f"plain_{SUCCESS}_mean" if level == "sparse" else "plain_reward_mean"
+
+
+# The sparse end's threshold, fixed before the study (experiments.md 8.3): a success rate the plain policy
+# must reach; the 90%-of-the-baseline's-gain rule of the other levels is undefined where the baseline does not learn
+SPARSE_THRESHOLD = 0.25
+
+
+def complete_seeds(trainer: str, level: str, runs: list[Run]) -> list[int]:
+    mine = [r for r in runs if (r.trainer, r.level) == (trainer, level)]
+    return sorted(s for s in {r.seed for r in mine} if all(finished(r) for r in mine if r.seed == s))
+
+
+def group_spec(runs: list[Run], arm: str, seeds: list[int]) -> str:
+    return f"{arm}=" + ",".join(r.folder for r in runs if r.arm == arm and r.seed in seeds)
+
+
+def analyse():
+    import torch
+    import compare
+    torch.set_num_threads(2)
+    runs, results = study_runs(), {}
+    for trainer in TRAINERS:
+        for level in LEVELS:
+            key, seeds = f"{trainer}-{level}", complete_seeds(trainer, level, study_runs())
+            if not seeds:
+                print(f"{key}: no seed has finished every arm yet; left out")
+                continue
+            mine = [r for r in runs if (r.trainer, r.level) == (trainer, level)]
+            groups = [group_spec(mine, arm, seeds) for arm in arms(trainer, level)]
+            result = {"seeds": seeds}
+            for metric in dict.fromkeys((primary_metric(level), "plain_reward_mean", f"plain_{SUCCESS}_mean",
+                                         "heldout_reward_mean", "reward_mean")):
+                extra = ["--threshold", str(SPARSE_THRESHOLD)] if level == "sparse" and "success" in metric else []
+                result[metric] = compare.main(["--groups", *groups, "--metric", metric, *extra, "--title", key,
+                                               "--out", os.path.join(OUT, f"{key}-{metric}.png")])
+            if trainer == "ddpo":
+                result["signal_share"] = {arm: mean_key(mine, arm, seeds, "signal_share") for arm in arms(trainer, level)}
+            result["final"] = {arm: final_stats([r for r in mine if r.arm == arm and r.seed in seeds])
+                               for arm in arms(trainer, level)}
+            results[key] = result
+    with open(os.path.join(OUT, "analysis.json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    text = tables(results)
+    with open(os.path.join(OUT, "tables.md"), "w") as f:
+        f.write(text)
+    print(text)
+    figure(results, os.path.join(ROOT, "docs", "premise-study.png"))
+
+
+def mean_key(runs: list[Run], arm: str, seeds: list[int], key: str) -> dict:
+    """Per run, the mean of `key` over the exploring epochs and over the rest (DDPO's advantage-signal share)."""
+    import scaffold
+    out = {"exploring": [], "plain": []}
+    for r in runs:
+        if r.arm == arm and r.seed in seeds:
+            records = [m for m in scaffold.read_metrics(os.path.join(r.folder, "metrics.jsonl")) if key in m]
+            for mode in out:
+                values = [m[key] for m in records if m["exploring"] == (mode == "exploring")]
+                if values:
+                    out[mode].append(sum(values) / len(values))
+    return out
+
+
+def final_stats(runs: list[Run]) -> dict:
+    stats = [toy_study.final_policy_stats(r) for r in runs]
+    return {k: [s[k] for s in stats] for k in stats[0]} if stats else {}
+
+
+def fmt_ci(value, ci) -> str:
+    return "-" if value is None else f"{value:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def tables(results: dict) -> str:
+    out = []
+    for key, r in results.items():
+        level = key.split("-")[1]
+        p = r[primary_metric(level)]
+        rule = (f"threshold {p['threshold']:.3g}: a success rate fixed in advance" if level == "sparse" else
+                f"threshold {p['threshold']:.4g} = r0 {p['r0']:.4g} + 0.9 x (r_final {p['r_final']:.4g} - r0) of "
+                "the baseline's mean curve" if p["threshold"] is not None else "the baseline did not improve: no threshold")
+        out += [f"### {key}", "", f"Seeds {', '.join(map(str, r['seeds']))}. Primary: {primary_metric(level)}; {rule}.", "",
+                "| arm | queries to threshold, per seed | not reached | speedup, paired [95% CI] | AUC difference vs "
+                "baseline, paired [95% CI] | final (primary) | final success rate | final held-out reward | "
+                "layout entropy (end) | alignment (end) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for arm, g in p["groups"].items():
+            per_seed = ", ".join(f"{q:.0f}" for q in g["queries_to_threshold_per_run"] or [])
+            auc = "-" if g.get("auc_diff_paired") is None else (
+                f"{g['auc_diff_paired']:+.3g} [{g['auc_diff_paired_ci95'][0]:+.3g}, {g['auc_diff_paired_ci95'][1]:+.3g}]")
+            success = r[f"plain_{SUCCESS}_mean"]["groups"][arm]
+            held = r["heldout_reward_mean"]["groups"][arm]
+            f = r["final"].get(arm, {})
+            cells = [toy_study.mean_sd(f[k]) if f else "-" for k in ("layout_entropy", "alignment")]
+            out.append(f"| {arm} | {per_seed} | {g['not_reached']} | {fmt_ci(g.get('speedup_paired'), g.get('speedup_paired_ci95'))} "
+                       f"| {auc} | {g['final_mean']:.3g} ± {g['final_std']:.2g} | {success['final_mean']:.3g} ± "
+                       f"{success['final_std']:.2g} | {held['final_mean']:.3g} ± {held['final_std']:.2g} | " + " | ".join(cells) + " |")
+        if "signal_share" in r:
+            out += ["", "DDPO's advantage-signal share (prompt groups whose rewards are not all equal), mean over seeds: "
+                    + "; ".join(f"{arm} {share_text(v)}" for arm, v in r["signal_share"].items())]
+        out.append("")
+    return "\n".join(out)
+
+
+def share_text(v: dict) -> str:
+    parts = [f"{mode} {sum(x) / len(x):.1%}" for mode, x in v.items() if x]
+    return ", ".join(parts) or "-"
+
+
+def figure(results: dict, path: str):
+    """The primary curve, trainers x levels: every arm's mean over seeds against reward queries."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import compare
+    fig, axes = plt.subplots(len(TRAINERS), len(LEVELS), figsize=(13, 7), dpi=100, squeeze=False)
+    for i, trainer in enumerate(TRAINERS):
+        for j, level in enumerate(LEVELS):
+            ax, key = axes[i][j], f"{trainer}-{level}"
+            metric = primary_metric(level)
+            for arm, g in (results[key][metric]["groups"].items() if key in results else ()):
+                curves = compare.group_curves(g["runs"], metric, "none", 1)
+                ax.plot(curves["grid"], curves["mean"], label=f"{arm} ({len(g['runs'])})",
+                        linewidth=2 if arm in ("diffexp", "baseline") else 1)
+            ax.set_title(f"{'AlignProp' if trainer == 'alignprop' else 'DDPO'}, {level}", fontsize=10)
+            ax.set_xlabel("reward queries")
+            ax.set_ylabel("plain policy's success rate" if level == "sparse" else "plain policy's reward")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else ""
+    only = sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--only" else ""
+    if what in ("pilot", "run"):
+        todo = pilot_runs() if what == "pilot" else study_runs()
+        todo = [r for r in todo if not finished(r) and (not only or f"{r.trainer}-{r.level}" == only)]
+        toy_study.run_many(todo, os.path.join(OUT, what))
+    elif what == "analyse":
+        analyse()
+    elif what == "list":
+        for r in pilot_runs() + study_runs():
+            print("done" if finished(r) else "todo", " ".join(r.command()[1:]))
+    else:
+        raise SystemExit(f"usage: python {sys.argv[0]} pilot | run [--only TRAINER-LEVEL] | analyse | list")
