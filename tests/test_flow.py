@@ -1,0 +1,97 @@
+"""flow.py, the flow-matching family (SD3 / SD3.5) on the tiny model: the ODE sampler equals diffusers'
+StableDiffusion3Pipeline on the same saved folder, the SDE step's log-prob equals an independent Gaussian
+computation of Flow-GRPO's step, and re-scoring a rollout gives its log-probs back exactly (ratio 1)."""
+
+import math
+
+import pytest
+import torch
+
+import flow
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return flow.load_flow_models("tiny-sd3")
+
+
+@pytest.fixture(scope="module")
+def saved(sd3, tmp_path_factory):
+    """The tiny model saved as a diffusers folder (StableDiffusion3Pipeline.save_pretrained)."""
+    from diffusers import StableDiffusion3Pipeline
+    folder = tmp_path_factory.mktemp("tiny-sd3")
+    (e1, e2, e3), (t1, t2, t3) = sd3.text_encoders, sd3.tokenizers
+    pipe = StableDiffusion3Pipeline(transformer=sd3.transformer, scheduler=sd3.scheduler, vae=sd3.vae, text_encoder=e1,
+                                    tokenizer=t1, text_encoder_2=e2, tokenizer_2=t2, text_encoder_3=e3, tokenizer_3=t3)
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0])  # CFG on; off (the pipeline then runs the conditional rows alone)
+def test_ode_sampler_equals_the_sd3_pipeline(saved, guidance):
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(saved)
+    pipe.set_progress_bar_config(disable=True)
+    models = flow.load_flow_models(saved)  # the same folder through our loader
+    texts = ["a red circle", "a dolphin riding a bike"]
+    x_T = torch.randn((2, *models.latent_shape), generator=torch.Generator().manual_seed(3))
+    expected = pipe(texts, num_inference_steps=4, guidance_scale=guidance, latents=x_T.clone(), output_type="latent",
+                    max_sequence_length=models.t5_length).images
+    cond, pooled = flow.encode_text(models, texts)
+    # the pipeline encodes the empty negative prompt once per sample: the same batch size, the same kernels
+    uncond, pooled_uncond = flow.encode_text(models, [""] * 2)
+    traj = flow.sample(models, cond, pooled, uncond, pooled_uncond, torch.full((2, 4), guidance), 4,
+                       torch.Generator().manual_seed(0), x_T=x_T, decode=False)
+    assert torch.equal(traj.latents[:, -1], expected)  # the same batches, kernels and order: bit for bit
+    assert torch.equal(traj.log_probs, torch.zeros(2, 4))  # the ODE has no likelihood
+    assert traj.sigmas[0] == 1 and traj.sigmas[-1] == 0
+
+
+def test_sde_step_log_prob_equals_an_independent_gaussian():
+    """Flow-GRPO's step, written out independently: dx = [v + s^2 / (2 sigma) (x + (1 - sigma) v)] dt + s dW,
+    dt = sigma_next - sigma < 0, s = a sqrt(sigma / (1 - sigma)); one Euler-Maruyama step is Gaussian with
+    std s sqrt(-dt). The log-prob is the mean over elements of torch.distributions.Normal's log-density."""
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    sigma, sigma_next, a = 0.8, 0.6, 0.7
+    s = a * math.sqrt(sigma / (1 - sigma))
+    dt = sigma_next - sigma
+    mean = x + (v + s ** 2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
+    std = s * math.sqrt(-dt)
+    assert flow.sde_std(torch.tensor(sigma), torch.tensor(sigma_next), 0.9, a).item() == pytest.approx(std, rel=1e-6)
+    x_next, log_prob = flow.flow_step(v, x, sigma, sigma_next, torch.full((3,), std), generator=torch.Generator().manual_seed(1))
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x_next, mean + std * z, rtol=1e-5, atol=1e-6)
+    expected = torch.distributions.Normal(mean, std).log_prob(x_next).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(log_prob, expected, rtol=1e-5, atol=1e-5)
+    # std 0: the ODE step (the scheduler's Euler step), log-prob 0
+    ode, zero = flow.flow_step(v, x, sigma, sigma_next, None)
+    dt32 = torch.tensor(sigma_next) - torch.tensor(sigma)  # float32, as the scheduler's sigmas
+    assert torch.equal(ode, x + dt32 * v) and torch.equal(zero, torch.zeros(3))
+    # the first step (sigma = 1) takes sigma_max inside the root instead of dividing by 0
+    assert flow.sde_std(torch.tensor(1.0), torch.tensor(0.9), 0.9, a).item() == pytest.approx(a * math.sqrt(1 / (1 - 0.9)) * math.sqrt(1 - 0.9), rel=1e-6)
+
+
+def test_rescoring_a_rollout_gives_its_log_probs_exactly(sd3):
+    """SDE inside a window of steps (ODE elsewhere): re-scoring each stored transition with the same model is
+    exactly the sampled log-prob (ratio 1 before any update), and the same seed gives the same rollout."""
+    cond, pooled = flow.encode_text(sd3, ["a red circle", "a cat", "an owl"])
+    uncond, pooled_uncond = flow.encode_text(sd3, [""])
+    w = torch.full((3, 5), 4.0)
+    run = lambda: flow.sample(sd3, cond, pooled, uncond, pooled_uncond, w, 5, torch.Generator().manual_seed(7),
+                              noise_level=0.7, sde_steps=(1, 3), decode=False)
+    traj = run()
+    assert torch.equal(traj.latents, run().latents)
+    assert (traj.log_probs[:, [0, 3, 4]] == 0).all() and (traj.log_probs[:, 1:3] != 0).all()
+    ts, s = flow.schedule(sd3, 5)
+    for i in (1, 2):
+        v = flow.guided_velocity(sd3.transformer, traj.latents[:, i], ts[i], cond, pooled, uncond, pooled_uncond, w[:, i])
+        std = flow.sde_std(s[i], s[i + 1], s[1].item(), 0.7)
+        _, log_prob = flow.flow_step(v, traj.latents[:, i], s[i], s[i + 1], std, x_next=traj.latents[:, i + 1])
+        assert torch.equal(log_prob, traj.log_probs[:, i])
+
+
+def test_unknown_flow_model_is_a_config_error():
+    from common import ConfigError
+    with pytest.raises(ConfigError, match="--model 'sd3-tiny': not a flow model name"):
+        flow.load_flow_models("sd3-tiny")
