@@ -36,6 +36,10 @@ TINY_T5 = dict(vocab_size=49408, d_model=64, d_ff=64, d_kv=8, num_heads=4, num_l
                feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
 TINY_T5_LENGTH = 32  # the tiny model's T5 context (SD3.5: 256)
 SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)  # SD3 / SD3.5's FlowMatchEulerDiscreteScheduler
+# LoRA on the MMDiT's joint attention: the image stream's projections and the text (context) stream's, as
+# Flow-GRPO trains SD3.5; saved under the "transformer." prefix that StableDiffusion3Pipeline.load_lora_weights reads
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+LORA_PREFIX = "transformer"
 
 
 @dataclass

@@ -95,3 +95,31 @@ def test_unknown_flow_model_is_a_config_error():
     from common import ConfigError
     with pytest.raises(ConfigError, match="--model 'sd3-tiny': not a flow model name"):
         flow.load_flow_models("sd3-tiny")
+
+
+def test_transformer_lora_loads_into_the_sd3_pipeline(sd3, saved, tmp_path):
+    """LoRA on the joint attention's image and context projections, saved by lora.save under 'transformer.':
+    StableDiffusion3Pipeline.load_lora_weights reproduces our transformer's output (alpha != rank)."""
+    pytest.importorskip("peft")
+    import copy
+    from diffusers import StableDiffusion3Pipeline
+    import lora
+    transformer = copy.deepcopy(sd3.transformer)
+    params = lora.inject(transformer, flow.LORA_TARGETS, rank=4, alpha=8, seed=1)
+    names = lora.lora_layers(transformer)
+    assert any(n.endswith("add_q_proj") for n in names) and any(n.endswith("to_add_out") for n in names)
+    with torch.no_grad():
+        for p in params[1::2]:  # B starts at zero: give it values so that the LoRA changes the output
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    lora.save(transformer, str(tmp_path / "lora"), prefix=flow.LORA_PREFIX)
+    g = torch.Generator().manual_seed(0)
+    x, states, pooled = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 109, 64, generator=g), torch.randn(2, 64, generator=g)
+
+    def out(model):
+        return model(hidden_states=x, timestep=torch.tensor([500.0, 500.0]), encoder_hidden_states=states,
+                     pooled_projections=pooled, return_dict=False)[0]
+    pipe = StableDiffusion3Pipeline.from_pretrained(saved)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    ours = out(transformer)
+    torch.testing.assert_close(out(pipe.transformer), ours, rtol=0, atol=1e-5)
+    assert not torch.allclose(ours, out(sd3.transformer), atol=1e-3)  # the LoRA changes the output
