@@ -7,6 +7,7 @@ the baseline at each level, the two strategies alone and AlignProp with random t
     python experiments/premise_study.py run        # every study run, two at a time on one thread each (resumable)
     python experiments/premise_study.py run --only ddpo-sparse
     python experiments/premise_study.py analyse    # tables (markdown) and the figure, on the seeds every arm finished
+    python experiments/premise_study.py analyse --pilot   # the same for the pilot's runs (runs/premise-study/pilot-*)
     python experiments/premise_study.py list       # the runs and their commands, done or not
 
 Runs go to runs/premise-study/{pilot,study}/{trainer}-{level}-{arm}-s{seed}/, a log file beside each.
@@ -100,10 +101,6 @@ def study_runs() -> list[Run]:
     return runs
 
 
-def finished(run: Run) -> bool:
-    return toy_study.finished(run)
-
-
 # -----------------------------------------------------------------------------
 # Analysis
 
@@ -119,44 +116,45 @@ SPARSE_THRESHOLD = 0.25
 
 def complete_seeds(trainer: str, level: str, runs: list[Run]) -> list[int]:
     mine = [r for r in runs if (r.trainer, r.level) == (trainer, level)]
-    return sorted(s for s in {r.seed for r in mine} if all(finished(r) for r in mine if r.seed == s))
+    return sorted(s for s in {r.seed for r in mine} if all(toy_study.finished(r) for r in mine if r.seed == s))
 
 
 def group_spec(runs: list[Run], arm: str, seeds: list[int]) -> str:
     return f"{arm}=" + ",".join(r.folder for r in runs if r.arm == arm and r.seed in seeds)
 
 
-def analyse():
+def analyse(phase: str = "study"):
+    """The tables and figure of the study (or of the pilot: phase 'pilot', into OUT/pilot-*)."""
     import torch
     import compare
     torch.set_num_threads(2)
-    runs, results = study_runs(), {}
+    runs, results, out = (study_runs() if phase == "study" else pilot_runs()), {}, "" if phase == "study" else "pilot-"
     for trainer in TRAINERS:
         for level in LEVELS:
-            key, seeds = f"{trainer}-{level}", complete_seeds(trainer, level, study_runs())
+            key, seeds = f"{trainer}-{level}", complete_seeds(trainer, level, runs)
+            mine = [r for r in runs if (r.trainer, r.level) == (trainer, level)]
             if not seeds:
                 print(f"{key}: no seed has finished every arm yet; left out")
                 continue
-            mine = [r for r in runs if (r.trainer, r.level) == (trainer, level)]
-            groups = [group_spec(mine, arm, seeds) for arm in arms(trainer, level)]
+            present = [arm for arm in arms(trainer, level) if any(r.arm == arm for r in mine)]
+            groups = [group_spec(mine, arm, seeds) for arm in present]
             result = {"seeds": seeds}
             for metric in dict.fromkeys((primary_metric(level), "plain_reward_mean", f"plain_{SUCCESS}_mean",
                                          "heldout_reward_mean", "reward_mean")):
                 extra = ["--threshold", str(SPARSE_THRESHOLD)] if level == "sparse" and "success" in metric else []
                 result[metric] = compare.main(["--groups", *groups, "--metric", metric, *extra, "--title", key,
-                                               "--out", os.path.join(OUT, f"{key}-{metric}.png")])
+                                               "--out", os.path.join(OUT, f"{out}{key}-{metric}.png")])
             if trainer == "ddpo":
-                result["signal_share"] = {arm: mean_key(mine, arm, seeds, "signal_share") for arm in arms(trainer, level)}
-            result["final"] = {arm: final_stats([r for r in mine if r.arm == arm and r.seed in seeds])
-                               for arm in arms(trainer, level)}
+                result["signal_share"] = {arm: mean_key(mine, arm, seeds, "signal_share") for arm in present}
+            result["final"] = {arm: final_stats([r for r in mine if r.arm == arm and r.seed in seeds]) for arm in present}
             results[key] = result
-    with open(os.path.join(OUT, "analysis.json"), "w") as f:
+    with open(os.path.join(OUT, f"{out}analysis.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
     text = tables(results)
-    with open(os.path.join(OUT, "tables.md"), "w") as f:
+    with open(os.path.join(OUT, f"{out}tables.md"), "w") as f:
         f.write(text)
     print(text)
-    figure(results, os.path.join(ROOT, "docs", "premise-study.png"))
+    figure(results, os.path.join(ROOT, "docs", "premise-study.png") if phase == "study" else os.path.join(OUT, "pilot.png"))
 
 
 def mean_key(runs: list[Run], arm: str, seeds: list[int], key: str) -> dict:
@@ -232,11 +230,8 @@ def figure(results: dict, path: str):
                 curves = compare.group_curves(g["runs"], metric, "none", 1)
                 ax.plot(curves["grid"], curves["mean"], label=f"{arm} ({len(g['runs'])})",
                         linewidth=2 if arm in ("diffexp", "baseline") else 1)
-            ax.set_title(f"{'AlignProp' if trainer == 'alignprop' else 'DDPO'}, {level}", fontsize=10)
-            ax.set_xlabel("reward queries")
-            ax.set_ylabel("plain policy's success rate" if level == "sparse" else "plain policy's reward")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            toy_study.finish_axes(ax, f"{'AlignProp' if trainer == 'alignprop' else 'DDPO'}, {level}",
+                                  "plain policy's success rate" if level == "sparse" else "plain policy's reward")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -247,12 +242,12 @@ if __name__ == "__main__":
     only = sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--only" else ""
     if what in ("pilot", "run"):
         todo = pilot_runs() if what == "pilot" else study_runs()
-        todo = [r for r in todo if not finished(r) and (not only or f"{r.trainer}-{r.level}" == only)]
+        todo = [r for r in todo if not toy_study.finished(r) and (not only or f"{r.trainer}-{r.level}" == only)]
         toy_study.run_many(todo, os.path.join(OUT, what))
     elif what == "analyse":
-        analyse()
+        analyse("pilot" if "--pilot" in sys.argv else "study")
     elif what == "list":
         for r in pilot_runs() + study_runs():
-            print("done" if finished(r) else "todo", " ".join(r.command()[1:]))
+            print("done" if toy_study.finished(r) else "todo", " ".join(r.command()[1:]))
     else:
-        raise SystemExit(f"usage: python {sys.argv[0]} pilot | run [--only TRAINER-LEVEL] | analyse | list")
+        raise SystemExit(f"usage: python {sys.argv[0]} pilot | run [--only TRAINER-LEVEL] | analyse [--pilot] | list")

@@ -273,14 +273,19 @@ def figure(path: str):
                 g = compare.group_curves(runs, "plain_reward_mean", "none", 1)
                 ax.plot(g["grid"], g["mean"], color=colour, label=f"{arm} ({len(runs)} seeds)")
                 ax.fill_between(g["grid"], g["mean"] - g["std"], g["mean"] + g["std"], color=colour, alpha=0.2, linewidth=0)
-            ax.set_title(f"{'AlignProp' if trainer == 'alignprop' else 'DDPO'}, {task}", fontsize=10)
-            ax.set_xlabel("reward queries")
-            ax.set_ylabel("plain policy's reward")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            finish_axes(ax, f"{'AlignProp' if trainer == 'alignprop' else 'DDPO'}, {task}", "plain policy's reward")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def finish_axes(ax, title: str, ylabel: str):
+    """One panel of a study figure: its title, the query axis, grid and legend."""
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("reward queries")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 if __name__ == "__main__":
