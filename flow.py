@@ -157,6 +157,19 @@ def schedule(models: FlowModels, num_steps: int) -> tuple[torch.Tensor, torch.Te
     return models.scheduler.timesteps.cpu(), models.scheduler.sigmas.float().cpu()
 
 
+def sd_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
+    """The Stable Diffusion v1.5 timestep (0..999) with the same signal-to-noise ratio as each flow sigma:
+    x = (1 - sigma) x_0 + sigma eps has SNR (1 - sigma)^2 / sigma^2, DDPM's x_t has alpha_bar / (1 - alpha_bar),
+    so alpha_bar = (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2); the nearest of SD v1.5's alpha_bar. DiffExp's
+    t_thres (on that scale, as the paper gives it) then applies to a flow schedule unchanged:
+    explore.guidance_scales(sd_timesteps(sigmas[:-1]), ...)."""
+    from diffusers import DDIMScheduler
+    alphas = DDIMScheduler(**diffusion.SD15_SCHEDULER).alphas_cumprod.double()
+    s = sigmas.double()
+    target = (1 - s) ** 2 / ((1 - s) ** 2 + s ** 2)
+    return (alphas[None, :] - target[:, None]).abs().argmin(dim=1)
+
+
 def sde_std(sigma: torch.Tensor, sigma_next: torch.Tensor, sigma_max: float, noise_level: float) -> torch.Tensor:
     """Flow-GRPO's per-step std of the rollout SDE: a sqrt(sigma / (1 - sigma)) sqrt(sigma - sigma_next),
     with sigma = 1 (the first step) replaced by sigma_max (the schedule's second sigma) inside the root."""
@@ -179,14 +192,27 @@ def flow_step(v, x, sigma, sigma_next, std=None, x_next=None, generator=None):
     if std is None or torch.as_tensor(std).max() == 0:
         return x + dt * v, torch.zeros(B, device=x.device)
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device).expand(B).view(shape)
-    s2 = std ** 2 / (-dt)  # the SDE's diffusion coefficient squared
-    mean = x * (1 + s2 / (2 * sigma) * dt) + v * (1 + s2 * (1 - sigma) / (2 * sigma)) * dt
+    mean = sde_mean(v, x, sigma, sigma_next, std)
     if x_next is None:
         z = torch.randn(x.shape, generator=generator, device=generator.device if generator else "cpu")
         x_next = mean + std * z.to(x.device)
     x_next = x_next.float()
     log_prob = -((x_next.detach() - mean) ** 2) / (2 * std ** 2) - std.log() - 0.5 * math.log(2 * math.pi)
     return x_next, log_prob.mean(dim=tuple(range(1, x.ndim)))
+
+
+def sde_mean(v, x, sigma, sigma_next, std):
+    """The mean of Flow-GRPO's SDE step (see flow_step); sigma, sigma_next, std broadcast against x."""
+    dt = sigma_next - sigma
+    s2 = std ** 2 / (-dt)  # the SDE's diffusion coefficient squared
+    return x * (1 + s2 / (2 * sigma) * dt) + v * (1 + s2 * (1 - sigma) / (2 * sigma)) * dt
+
+
+def kl_same_std(mean, mean_ref, std) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(mean_ref, std^2)) per element, averaged over each sample's elements (B,): the
+    per-step KL to a reference policy, which shares the step's std (Flow-GRPO's KL penalty). std: (B,) or a float."""
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device).reshape(-1, *(1,) * (mean.ndim - 1))
+    return ((mean - mean_ref) ** 2 / (2 * std ** 2)).mean(dim=tuple(range(1, mean.ndim)))
 
 
 def guided_velocity(transformer, x, t, cond, pooled, uncond, pooled_uncond, w):

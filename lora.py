@@ -9,6 +9,8 @@ Hand-written LoRA (Hu et al. 2021): y = W x + (alpha / r) * B A x, W frozen, A a
     read_settings("run/checkpoint")          # a file's rank, alpha and targets, as inject takes them
     with applied(unet, "run/checkpoint"):    # inject as the file says, load; remove on exit
         ...
+    with disabled(unet):                     # the base model's output, LoRA kept (a KL reference)
+        ...
 
 The file uses the key names and metadata diffusers reads, so
 `StableDiffusionPipeline.load_lora_weights(folder)` (which needs peft installed) loads it too.
@@ -44,11 +46,11 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear and peft do
         nn.init.zeros_(self.lora_B.weight)
-        self.merged = False
+        self.merged, self.enabled = False, True
 
     def forward(self, x):
         y = self.base(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return y
         return y + (self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scale).to(y.dtype)
 
@@ -147,6 +149,23 @@ def remove(model: nn.Module) -> None:
     for name, m in layers.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, m.base)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Inside, every (unmerged) LoRA layer returns its frozen base's output alone: the model before fine-tuning,
+    bit for bit, without a second copy in memory (the reference policy of a KL penalty). Restored on exit."""
+    layers = lora_layers(model)
+    if any(m.merged for m in layers.values()):
+        raise ValueError("cannot disable merged LoRA layers: their weights hold B A.")
+    before = {name: m.enabled for name, m in layers.items()}
+    for m in layers.values():
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for name, m in layers.items():
+            m.enabled = before[name]
 
 
 @dataclass(frozen=True)

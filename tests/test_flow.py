@@ -123,3 +123,32 @@ def test_transformer_lora_loads_into_the_sd3_pipeline(sd3, saved, tmp_path):
     ours = out(transformer)
     torch.testing.assert_close(out(pipe.transformer), ours, rtol=0, atol=1e-5)
     assert not torch.allclose(ours, out(sd3.transformer), atol=1e-3)  # the LoRA changes the output
+
+
+def test_t_thres_maps_to_the_flow_schedule_by_noise_level():
+    """A flow step explores (t > t_thres on SD v1.5's scale) exactly when its sigma is noisier than the sigma of
+    equal signal-to-noise ratio: (1 - s)^2 / s^2 = alpha_bar / (1 - alpha_bar) at t_thres, s = 1 / (1 + sqrt(SNR)).
+    Away from that crossing by more than the timestep grid's spacing, both agree; the ends map to 999 and 0."""
+    from diffusers import DDIMScheduler
+    import diffusion
+    alphas = DDIMScheduler(**diffusion.SD15_SCHEDULER).alphas_cumprod.double()
+    for t_thres in (700, 800, 900):
+        snr = alphas[t_thres] / (1 - alphas[t_thres])
+        s_thres = (1 / (1 + snr.sqrt())).item()
+        sig = torch.linspace(0.0, 1.0, 2001)
+        far = (sig - s_thres).abs() > 0.01
+        explores = flow.sd_timesteps(sig) > t_thres
+        assert torch.equal(explores[far], (sig > s_thres)[far])
+    t = flow.sd_timesteps(torch.tensor([1.0, 0.0]))
+    assert t.tolist() == [999, 0]
+    assert (flow.sd_timesteps(torch.linspace(1, 0, 50)).diff() <= 0).all()  # less noise, earlier timestep
+
+
+def test_kl_to_the_reference_step_equals_torch_distributions():
+    g = torch.Generator().manual_seed(2)
+    m, m_ref, std = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0.1, 0.3, 1.0])
+    s = std.view(3, 1, 1, 1).expand_as(m)
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(m, s),
+                                                 torch.distributions.Normal(m_ref, s)).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(flow.kl_same_std(m, m_ref, std), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(flow.kl_same_std(m, m, 0.5), torch.zeros(3))

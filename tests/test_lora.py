@@ -219,3 +219,22 @@ def test_applied_loads_a_file_for_a_while_and_removes_it(lora_models, tiny, tmp_
         with lora.applied(unet, path):
             raise KeyError("an error inside")
     assert not lora.lora_layers(unet)
+
+
+def test_disabled_gives_the_base_output_exactly_and_restores(lora_models, tiny):
+    """lora.disabled: the base model's output bit for bit (the KL reference without a second copy), and the
+    LoRA output back on exit, also after an error; merged layers are refused."""
+    models, params = lora_models(rank=4, alpha=8)
+    with_lora = unet_out(models.unet)
+    assert not torch.allclose(with_lora, unet_out(tiny.unet), atol=1e-3)
+    with lora.disabled(models.unet):
+        assert torch.equal(unet_out(models.unet), unet_out(tiny.unet))
+    assert torch.equal(unet_out(models.unet), with_lora)
+    with pytest.raises(KeyError):
+        with lora.disabled(models.unet):
+            raise KeyError("inside")
+    assert torch.equal(unet_out(models.unet), with_lora)
+    lora.merge(models.unet)
+    with pytest.raises(ValueError, match="merged"):
+        with lora.disabled(models.unet):
+            pass
