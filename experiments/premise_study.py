@@ -155,6 +155,8 @@ def analyse(phase: str = "study"):
         f.write(text)
     print(text)
     figure(results, os.path.join(ROOT, "docs", "premise-study.png") if phase == "study" else os.path.join(OUT, "pilot.png"))
+    if phase == "study":
+        speedup_figure(results, os.path.join(ROOT, "docs", "premise-speedup.png"))
 
 
 def mean_key(runs: list[Run], arm: str, seeds: list[int], key: str) -> dict:
@@ -232,6 +234,45 @@ def figure(results: dict, path: str):
                         linewidth=2 if arm in ("diffexp", "baseline") else 1)
             toy_study.finish_axes(ax, f"{'AlignProp' if trainer == 'alignprop' else 'DDPO'}, {level}",
                                   "plain policy's success rate" if level == "sparse" else "plain policy's reward")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def speedup_figure(results: dict, path: str):
+    """The answer in one figure: DiffExp's paired speedup over the baseline (95% interval) at each level of
+    the dial, one line per trainer; 1 = no difference. A level whose baseline never reached the threshold
+    shows a lower bound (an open marker)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for k, trainer in enumerate(TRAINERS):
+        xs, ys, lo, hi, censored = [], [], [], [], []
+        for j, level in enumerate(LEVELS):
+            r = results.get(f"{trainer}-{level}")
+            g = r[primary_metric(level)]["groups"]["diffexp"] if r else None
+            if g is None or g.get("speedup_paired") is None:
+                continue
+            xs.append(j + 0.06 * (k - 0.5))
+            ys.append(g["speedup_paired"])
+            lo.append(g["speedup_paired"] - g["speedup_paired_ci95"][0])
+            hi.append(g["speedup_paired_ci95"][1] - g["speedup_paired"])
+            censored.append(r[primary_metric(level)]["groups"]["baseline"]["not_reached"] > 0)
+        label = "AlignProp" if trainer == "alignprop" else "DDPO"
+        line = ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ax.scatter([x for x, c in zip(xs, censored) if c], [y for y, c in zip(ys, censored) if c], s=80,
+                   facecolors="white", edgecolors=line[0].get_color(), zorder=3)
+    ax.axhline(1, color="gray", ls="--", lw=0.8)
+    ax.set_xticks(range(len(LEVELS)), [f"{level}" for level in LEVELS])
+    ax.set_xlabel("the reward's sparsity (the dial's level)")
+    ax.set_ylabel("DiffExp's speedup, paired by seed (95% CI)")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -16,7 +16,7 @@ import rewards
 import train_alignprop
 from explore import ExploreConfig
 from rewards import RewardConfig
-from train_alignprop import Config, SampleConfig, TrainConfig
+from train_alignprop import Config, TrainConfig
 
 
 def small(tmp_path, **kw) -> Config:
