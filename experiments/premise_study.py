@@ -269,6 +269,7 @@ def speedup_figure(results: dict, path: str):
     ax.set_xlabel("the reward's sparsity (the dial's level)")
     ax.set_ylabel("DiffExp's speedup, paired by seed (95% CI)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3)
