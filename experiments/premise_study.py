@@ -32,8 +32,8 @@ LEVELS = ("dense", "medium", "sparse")
 REWARD = {(trainer, level): f"toy-dial-{level}" for trainer in TRAINERS for level in LEVELS} | {("ddpo", "sparse"): SUCCESS}
 # Budgets in epochs (the presets' epochs: DDPO 256 reward queries, AlignProp 16), divisible by 4 so that
 # exploration (progress = epoch / epochs < 3/4) lasts exactly 3/4 of the queries. Set from the pilot
-# (experiments.md 8.2) before any study run.
-EPOCHS = {"ddpo": 8, "alignprop": 40}
+# (experiments.md 8.2) before any study run: the pilots' budgets (DDPO 2,048 queries, AlignProp 768).
+EPOCHS = {"ddpo": 8, "alignprop": 48}
 PILOT_EPOCHS = {"ddpo": 8, "alignprop": 48}
 EVAL_EVERY = {"ddpo": 1, "alignprop": 4}
 # every run: the plain policy on 96 samples per evaluation (12 prompts x 8 seeds), scored with the success
@@ -109,9 +109,10 @@ def primary_metric(level: str) -> str:
     return f"plain_{SUCCESS}_mean" if level == "sparse" else "plain_reward_mean"
 
 
-# The sparse end's threshold, fixed before the study (experiments.md 8.3): a success rate the plain policy
-# must reach; the 90%-of-the-baseline's-gain rule of the other levels is undefined where the baseline does not learn
-SPARSE_THRESHOLD = 0.25
+# The sparse end's threshold, fixed before the study (experiments.md 8.2): the success rate of the world's own
+# images (3.74%, section 7), i.e. 4 of the 96 evaluation samples; the 90%-of-the-baseline's-gain rule of the
+# other levels is undefined where the baseline does not learn
+SPARSE_THRESHOLD = 0.04
 
 
 def complete_seeds(trainer: str, level: str, runs: list[Run]) -> list[int]:
