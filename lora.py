@@ -79,18 +79,25 @@ def inject(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 4, alpha: floa
     return [p for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
-def state_dict(model: nn.Module, prefix: str = "unet") -> dict[str, torch.Tensor]:
-    """LoRA tensors under diffusers' names: '{prefix}.{module}.lora_A.weight' (r, in) / 'lora_B.weight' (out, r)."""
-    out = {}
+def default_prefix(model: nn.Module) -> str:
+    """The key prefix diffusers' load_lora_weights expects for this model: 'transformer' for a diffusion
+    transformer (SD3's MMDiT), 'unet' for a UNet."""
+    return "transformer" if type(model).__name__.endswith("Transformer2DModel") else "unet"
+
+
+def state_dict(model: nn.Module, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """LoRA tensors under diffusers' names: '{prefix}.{module}.lora_A.weight' (r, in) / 'lora_B.weight' (out, r);
+    prefix: default_prefix(model) unless given."""
+    prefix, out = prefix or default_prefix(model), {}
     for name, m in lora_layers(model).items():
         out[f"{prefix}.{name}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().cpu()
         out[f"{prefix}.{name}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous().cpu()
     return out
 
 
-def save(model: nn.Module, folder: str, prefix: str = "unet") -> str:
+def save(model: nn.Module, folder: str, prefix: str | None = None) -> str:
     """Writes folder/pytorch_lora_weights.safetensors (to a temporary name, then renamed)."""
-    layers = lora_layers(model)
+    prefix, layers = prefix or default_prefix(model), lora_layers(model)
     any_layer = next(iter(layers.values()))
     # peft LoraConfig fields, read by diffusers so that the scale alpha / r is reproduced on load
     config = {"r": any_layer.rank, "lora_alpha": any_layer.alpha, "target_modules": sorted(layers)}
@@ -102,8 +109,9 @@ def save(model: nn.Module, folder: str, prefix: str = "unet") -> str:
     return path
 
 
-def load(model: nn.Module, path: str, prefix: str = "unet") -> None:
+def load(model: nn.Module, path: str, prefix: str | None = None) -> None:
     """Loads a file written by `save` (a folder or the .safetensors path) into an injected model; strict."""
+    prefix = prefix or default_prefix(model)
     path = os.path.join(path, WEIGHT_NAME) if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LoRA weights {path} do not exist.")

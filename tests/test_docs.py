@@ -9,10 +9,11 @@ import re
 import pytest
 
 import train_alignprop
+import train_grpo
 import train_ddpo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINERS = {"DDPO": train_ddpo, "AlignProp": train_alignprop}
+TRAINERS = {"DDPO": train_ddpo, "AlignProp": train_alignprop, "GRPO": train_grpo}
 
 
 def read(path: str) -> str:
@@ -30,7 +31,8 @@ def presets_table() -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for trainer, module in TRAINERS.items():
         for name, (_, c) in module.PRESETS.items():
-            per_epoch = c.sample.batch_size * c.sample.num_batches if trainer == "DDPO" else c.train.total_batch
+            per_epoch = {"DDPO": lambda: c.sample.batch_size * c.sample.num_batches, "AlignProp": lambda: c.train.total_batch,
+                         "GRPO": lambda: c.sample.group_size * c.sample.prompts_per_batch * c.sample.num_batches}[trainer]()
             rows.append(f"| `{name}` | {trainer} | `{shown(c.model)}` | `{shown(c.prompts)}` | `{c.reward.name}` | "
                         f"{c.sample.num_steps} | {c.sample.guidance_scale:g} | {c.explore.t_thres} | {c.explore.w_low:g} | "
                         f"{c.num_epochs} | {per_epoch} |")
@@ -57,7 +59,7 @@ def field(cfg, dotted: str):
 
 def stated_defaults(text: str) -> list[tuple[str, str, str]]:
     """(flag, trainer or '', value) for every '`--flag` (default VALUE' or '`--flag` (TRAINER default VALUE'."""
-    return re.findall(r"`--([a-z0-9.-]+)`\s+\((?:(DDPO|AlignProp) )?default ([^,;:)]+)", text)
+    return re.findall(r"`--([a-z0-9.-]+)`\s+\((?:(DDPO|AlignProp|GRPO) )?default ([^,;:)]+)", text)
 
 
 def test_stated_defaults_are_the_code_defaults():
@@ -82,7 +84,7 @@ def test_stated_defaults_are_the_code_defaults():
 
 
 # What a preset's one-line description must say about its model and reward
-MODEL_WORDS = {"tiny": "tiny", "sd15": "SD v1.5", "sdxl": "SDXL"}
+MODEL_WORDS = {"tiny": "tiny", "tiny-sd3": "tiny", "sd15": "SD v1.5", "sdxl": "SDXL"}
 REWARD_WORDS = {"brightness": "brightness", "aesthetic": "LAION aesthetic", "pickscore": "PickScore",
                 "toy-aesthetic": "aesthetic task", "toy-classifier": "toy-classifier"}
 

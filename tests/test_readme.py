@@ -14,7 +14,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("train_ddpo.py", "train_alignprop.py", "evaluate.py", "compare.py", "bench.py", "bench_gpu.py", "toy.py",
+SCRIPTS = ("train_ddpo.py", "train_alignprop.py", "train_grpo.py", "evaluate.py", "compare.py", "bench.py", "bench_gpu.py", "toy.py",
            "toy_pretrain.py")
 GPU = re.compile(r"\b(sd15|sdxl|sd15-gpu|sdxl-gpu|cuda|nproc_per_node=8)\b|--model /|/path/to/")
 
@@ -28,6 +28,7 @@ SHRINK = {
     ("evaluate.py", "sample"): "--num-steps 2",
     ("evaluate.py", "score"): "--num-steps 2 --samples-per-prompt 1",
     ("compare.py", None): "",
+    ("train_grpo.py", None): "--num-epochs 1",
     ("bench.py", None): "--stages sample --burn-in 0 --iters 1",
     ("toy_pretrain.py", "eval"): "--per-caption 1 --num-steps 2 --threads 1",
     ("toy_pretrain.py", "pretrain"): "--steps 2 --out pretrained-toy",

@@ -1,0 +1,388 @@
+"""
+GRPO with DiffExp on flow-matching models (SD3 / SD3.5): group-relative policy optimisation over the rollouts
+of Flow-GRPO's SDE (Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL"), with DiffExp's
+exploration (Chae et al., AAAI 2025) on the sampling side.
+
+    python train_grpo.py tiny-sd3                      # offline tiny SD3, a few minutes on a CPU
+    python train_grpo.py tiny-sd3 --no-diffexp         # the same without exploration (the baseline)
+    python train_grpo.py --help                        # presets; `train_grpo.py tiny-sd3 --help`: all flags
+
+Per sampling batch, `prompts_per_batch` prompts, each drawn `group_size` times (by default from the same
+initial noise); each image's advantage is its reward normalised within its group. The rollouts follow the SDE
+inside a window of steps (the ODE elsewhere), and only those steps are trained: PPO's clipped ratio of the
+per-step Gaussian log-probs, plus beta x the per-step KL to the model before fine-tuning (the same weights
+with LoRA switched off, `lora.disabled`). Each sample keeps its guidance scales and exact (possibly
+re-weighted) prompt embedding, so the first ratio of an epoch is exactly 1 (logged as first_ratio_err).
+DiffExp enters as in the other trainers: `explore.explore_batch`, with the flow steps placed on SD v1.5's
+timestep scale by noise level (`flow.sd_timesteps`), so --explore.t-thres means what it means there.
+This version trains the flow-matching family only; the DDIM family (SD v1.5, SDXL, the toy model) trains
+with train_ddpo.py, whose per-prompt statistics are GRPO's group normalisation without the KL term.
+"""
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+import common
+import diffusion
+import evaluate
+import explore
+import flow
+import lora
+import plots
+import rewards
+import scaffold
+from common import ConfigError, print0
+from evaluate import EvalConfig
+from explore import ExploreConfig
+from rewards import RewardConfig
+from scaffold import LogConfig, LoRAConfig
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    num_steps: int = 10  # flow steps T per rollout
+    guidance_scale: float = 4.5  # w_high: classifier-free guidance scale (the only one when not exploring)
+    noise_level: float = 0.7  # the SDE's a (Flow-GRPO); must be > 0: the ODE has no log-prob
+    sde_window: tuple[int, int] = (0, 10)  # the SDE (and training) at steps start <= i < end; the ODE elsewhere
+    group_size: int = 8  # images per prompt per batch: the group an advantage is normalised in
+    prompts_per_batch: int = 2  # sampling batch = prompts_per_batch x group_size
+    num_batches: int = 4  # sampling batches per epoch
+    same_noise: bool = True  # one initial noise per group (the images of a group differ by the SDE's noise)
+    eval_num_steps: int = 10  # ODE steps of the plain policy's evaluation
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 4  # rollouts per training micro-batch (each re-scored at every step of the window)
+    updates_per_epoch: int = 1  # optimizer steps per epoch; gradient accumulation is derived from it
+    lr: float = 3e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    clip_range: float = 1e-4  # PPO: ratio clipped to [1 - clip_range, 1 + clip_range]
+    adv_clip_max: float = 5.0
+    beta: float = 0.04  # weight of the per-step KL to the model before fine-tuning (0: no KL term)
+    std_over: Literal["group", "batch"] = "group"  # advantages divided by the group's std or the batch's
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "grpo"
+    model: str = "sd35m"  # tiny-sd3 | sd35m | a local SD3 diffusers folder | a hub id
+    prompts: str = "animals"  # animals | animal-activities | unseen-animals | drawbench[:Category,...] | file.txt
+    num_epochs: int = 100
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int = 0
+    run_dir: str = ""
+    resume: str = ""
+    sample: SampleConfig = SampleConfig()
+    train: TrainConfig = TrainConfig()
+    explore: ExploreConfig = ExploreConfig()
+    reward: RewardConfig = RewardConfig(name="pickscore")
+    lora: LoRAConfig = LoRAConfig(rank=32, alpha=64.0, targets=flow.LORA_TARGETS)
+    log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+BASE = Config()
+PRESETS = {
+    "tiny-sd3": (
+        "Offline tiny random SD3, the model-free brightness reward, a few epochs on a CPU.",
+        Config(name="grpo-tiny-sd3", model="tiny-sd3", num_epochs=8,
+               sample=SampleConfig(num_steps=4, sde_window=(0, 2), group_size=4, prompts_per_batch=2, num_batches=2,
+                                   eval_num_steps=4),
+               train=TrainConfig(batch_size=4, updates_per_epoch=2, lr=3e-2, clip_range=0.2, beta=0.01),
+               reward=RewardConfig(name="brightness"), lora=LoRAConfig(rank=4, alpha=4.0, targets=flow.LORA_TARGETS),
+               log=LogConfig(grid_every=4, save_every=4), eval=EvalConfig(every=4, samples_per_prompt=1, diversity=False,
+                                                                         prompts="")),
+    ),
+}
+
+
+# -----------------------------------------------------------------------------
+# The math of GRPO, as small functions the tests call directly
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, std_over: str = "group") -> torch.Tensor:
+    """rewards (N,), consecutive groups of group_size -> (r - group mean) / (std + 1e-4), the std of the group or of
+    the whole batch. A group of equal rewards gets advantage 0: it carries no signal."""
+    r = rewards.double().view(-1, group_size)
+    centred = r - r.mean(1, keepdim=True)
+    std = r.std(1, unbiased=False, keepdim=True) if std_over == "group" else rewards.double().std(unbiased=False)
+    return (centred / (std + 1e-4)).view(-1).float()
+
+
+def ppo_kl_loss(log_prob, old_log_prob, advantages, kl, clip_range: float, beta: float):
+    """Clipped surrogate plus beta x KL, to be minimised; all (B,). -> loss, ratio, clipfrac."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    surrogate = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+    return (surrogate + beta * kl).mean(), ratio, ((ratio - 1).abs() > clip_range).float().mean()
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(cfg: Config, load_models=flow.load_flow_models):
+    return scaffold.run_guarded(functools.partial(train, load_models=load_models), cfg)
+
+
+def check(cfg: Config, world: int) -> int:
+    """GRPO's own flags, after the shared ones. -> micro-batches per optimizer step over all processes."""
+    s, t = cfg.sample, cfg.train
+    if s.noise_level <= 0:
+        raise ConfigError(f"--sample.noise-level {s.noise_level}: GRPO needs the SDE (> 0); the ODE has no log-prob.")
+    if not 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps:
+        raise ConfigError(f"--sample.sde-window {s.sde_window[0]} {s.sde_window[1]}: needs 0 <= start < end <= "
+                          f"--sample.num-steps {s.num_steps}.")
+    if min(s.group_size, s.prompts_per_batch, s.num_batches, t.batch_size, t.updates_per_epoch, s.eval_num_steps) < 1:
+        raise ConfigError("--sample.group-size, --sample.prompts-per-batch, --sample.num-batches, --train.batch-size, "
+                          "--train.updates-per-epoch and --sample.eval-num-steps must be >= 1.")
+    if s.group_size < 2:
+        raise ConfigError(f"--sample.group-size {s.group_size}: a group needs at least 2 images to compare.")
+    if t.beta < 0:
+        raise ConfigError(f"--train.beta {t.beta}: the KL weight must be >= 0.")
+    n = s.group_size * s.prompts_per_batch * s.num_batches
+    micro, rem = divmod(n, t.batch_size)
+    accum, rem2 = divmod(micro, t.updates_per_epoch)
+    if rem or rem2 or accum % world or s.num_batches % world:
+        raise ConfigError(f"batch arithmetic: {n} rollouts per epoch (group size x prompts per batch x batches) must "
+                          f"split into --train.batch-size {t.batch_size} x accumulation x --train.updates-per-epoch "
+                          f"{t.updates_per_epoch}, with batches and accumulation divisible by the {world} process(es).")
+    return accum
+
+
+class FlowPromptEncoder:
+    """Prompts -> (states (B, 77 + L, D), pooled (B, P), phrase positions): each distinct prompt encoded once. A
+    phrase's positions are its CLIP token positions and its T5 token positions after the 77 CLIP rows, so that
+    random prompt weighting reaches all three encoders' states."""
+
+    def __init__(self, models: flow.FlowModels):
+        self.models, self.cache = models, {}
+
+    def __call__(self, prompts: list):
+        for p in dict.fromkeys(q for q in prompts if q not in self.cache):
+            states, pooled = flow.encode_text(self.models, [p.text])
+            clip = diffusion.phrase_positions(self.models.tokenizers[0], p)
+            t5 = diffusion.phrase_positions(self.models.tokenizers[2], p)
+            self.cache[p] = (states[0], pooled[0], [a + [flow.CLIP_LENGTH + i for i in b] for a, b in zip(clip, t5)])
+        entries = [self.cache[p] for p in prompts]
+        return torch.stack([e[0] for e in entries]), torch.stack([e[1] for e in entries]), [e[2] for e in entries]
+
+
+def train(cfg: Config, guard: scaffold.LastGoodState, load_models=flow.load_flow_models):
+    # ---- checks and set-up: nothing is written until all of it has succeeded (scaffold.Run)
+    scaffold.check_shared(cfg)
+    explore.validate(cfg.explore, cfg.sample.guidance_scale)
+    rank, world, device = common.init_distributed(cfg.device)
+    common.set_threads(cfg.threads)
+    accum = check(cfg, world)
+    s, T = cfg.sample, cfg.sample.num_steps
+    N = s.group_size * s.prompts_per_batch * s.num_batches
+    dtype = common.resolve_dtype(cfg.dtype, device)
+    run_dir = common.all_gather(scaffold.resolve_run_dir(cfg.run_dir, cfg.resume, cfg.name), world)[0]
+    resume = scaffold.resume_from(cfg.resume, run_dir)
+    scaffold.check_run_dir(run_dir, resume)
+
+    models = load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
+    precision = common.Precision(device, dtype)
+    params = lora.inject(models.transformer, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, seed=cfg.seed)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.adam_betas,
+                                  weight_decay=cfg.train.weight_decay, eps=cfg.train.adam_eps)
+    reward_fn = rewards.make_reward(cfg.reward.name, device=device, dtype=dtype, tiny=cfg.reward.tiny,
+                                    weights=cfg.reward.weights)
+    eval_rewards = evaluate.load_eval_rewards(cfg.eval, device, dtype, cfg.reward.tiny)  # --eval.rewards
+    prompt_set = diffusion.load_prompts(cfg.prompts)
+    heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 and cfg.eval.prompts else None
+    encode = FlowPromptEncoder(models)
+    uncond, pooled_uncond = flow.encode_text(models, [""])  # never weighted
+    ts, sigmas = flow.schedule(models, T)
+    sd_ts = flow.sd_timesteps(sigmas[:-1])  # each step on SD v1.5's scale: where DiffExp's t_thres applies
+    start_epoch, reward_queries = 0, 0
+    if resume:
+        state = scaffold.load_checkpoint(resume, models.transformer)
+        optimizer.load_state_dict(state["optimizer"])
+        precision.load_state_dict(state.get("precision"))
+        start_epoch, reward_queries = state["epoch"], state["reward_queries"]
+        print0(f"resumed from {state['path']} at epoch {start_epoch}")
+    if scaffold.nothing_left(cfg, start_epoch, run_dir):
+        return run_dir
+
+    def policy_scores():  # the ODE on fixed seeds, plain prompts, w_high: training prompts and held-out ones
+        out = {}
+        for prefix, prompts in (("plain", prompt_set if cfg.eval.plain else None), ("heldout", heldout)):
+            if prompts:
+                out |= evaluate_policy(cfg, models, encode, uncond, pooled_uncond, prompts, reward_fn, eval_rewards,
+                                       prefix)
+        return out
+
+    def training_state(epochs_done: int) -> dict:
+        return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
+                "precision": precision.state_dict()}
+    run = scaffold.Run(cfg, run_dir, rank, world, start_epoch, reward_queries, models.transformer, params, guard,
+                       training_state, policy_scores)
+    bars = scaffold.show_progress(cfg.log, rank)
+    window = torch.arange(*s.sde_window)
+    print0(f"batch arithmetic: {N} rollouts per epoch = {s.num_batches} batches x {s.prompts_per_batch} prompts x "
+           f"groups of {s.group_size}, over {world} process(es); training: steps {s.sde_window[0]}..{s.sde_window[1] - 1} "
+           f"of {T}, micro-batches of {cfg.train.batch_size}, {accum} per optimizer step")
+    my_batches = list(range(rank, s.num_batches, world))
+    n_local = len(my_batches) * s.group_size * s.prompts_per_batch
+
+    for epoch in range(start_epoch, cfg.num_epochs):
+        progress = epoch / cfg.num_epochs
+        exploring = any(explore.active(cfg.explore, progress))
+        t0 = time.perf_counter()
+        batches = sample_epoch(cfg, models, encode, uncond, pooled_uncond, prompt_set, sd_ts, epoch, my_batches,
+                               precision, bars)
+        t_sample = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            local_reward = torch.cat(scaffold.score(reward_fn, [b["images"] for b in batches],
+                                                    [b["prompts"] for b in batches], cfg.reward.name,
+                                                    f"{run_dir}/unscored_epoch_{epoch:04d}_rank{rank}.pt")).float().cpu()
+        t_reward = time.perf_counter() - t0
+        reward = torch.cat(common.all_gather(local_reward, world))  # (N,), rank-major, groups consecutive
+        reward_queries += len(reward)
+        if not torch.isfinite(reward).all():
+            raise FloatingPointError(f"epoch {epoch}: non-finite reward from --reward.name {cfg.reward.name}.")
+        advantages = group_advantages(reward, s.group_size, cfg.train.std_over)
+        advantages = advantages.clamp(-cfg.train.adv_clip_max, cfg.train.adv_clip_max)
+        advantages = advantages[rank * n_local:(rank + 1) * n_local].to(device)
+        data = {k: torch.cat([b[k] for b in batches]) for k in ("latents", "log_probs", "guidance", "cond", "pooled")}
+        grid_images = torch.cat([b["images"] for b in batches])[:cfg.log.grid_size]
+        local_prompts = sum([b["prompts"] for b in batches], [])
+        grid_labels = plots.grid_labels(local_prompts[:cfg.log.grid_size], local_reward[:cfg.log.grid_size])
+        del batches
+
+        t0 = time.perf_counter()
+        stats = {"loss": [], "kl": [], "clipfrac": [], "grad_norm": []}
+        first_ratio_err = grpo_epoch(cfg, models, uncond, pooled_uncond, ts, sigmas, window, data, advantages,
+                                     accum // world, precision, optimizer, params, world, stats,
+                                     common.generator(cfg.seed, epoch, "train", rank), f"epoch {epoch}", bars)
+        t_train = time.perf_counter() - t0
+        common.assert_in_sync(params, world, f"epoch {epoch}")
+        stats = {k: sum(v) / len(v) for k, v in stats.items()}
+        if world > 1:
+            stats = {k: sum(x[k] for x in common.all_gather(stats, world)) / world for k in stats}
+            first_ratio_err = max(common.all_gather(first_ratio_err, world))
+        groups = reward.view(-1, s.group_size)
+        record = {"epoch": epoch, "reward_queries": reward_queries, **common.summarize(reward), **stats,
+                  "first_ratio_err": first_ratio_err, "exploring": exploring,
+                  "signal_share": (groups.max(1).values > groups.min(1).values).float().mean().item(),
+                  "s_sample": t_sample, "s_reward": t_reward, "s_train": t_train}
+        details = f"kl {common.fmt(record['kl'])} | clipfrac {record['clipfrac']:.3f} | loss {common.fmt(record['loss'])}"
+        run.end_epoch(epoch, record, details, t_sample + t_reward + t_train, grid_images, grid_labels)
+    run.close()
+    return run_dir
+
+
+def sample_epoch(cfg: Config, models, encode, uncond, pooled_uncond, prompt_set, sd_ts, epoch: int,
+                 my_batches: list[int], precision, bars: bool) -> list[dict]:
+    """This process's rollouts, with exploration: per sampling batch, prompts_per_batch prompts, each group_size
+    times in a row; latents (B, T+1, ...), log-probs (B, T), guidance (B, T), exact prompt embeddings, images.
+    Batch b draws from generators keyed by (seed, epoch, b): the same rollouts on any number of processes."""
+    s, progress, out = cfg.sample, epoch / cfg.num_epochs, []
+    for b in tqdm(my_batches, desc=f"epoch {epoch} sampling", leave=False, disable=not bars):
+        idx = torch.randint(len(prompt_set), (s.prompts_per_batch,), generator=common.generator(cfg.seed, epoch, b, "prompts"))
+        prompts = [prompt_set[i] for i in idx for _ in range(s.group_size)]
+        cond, pooled, positions = encode(prompts)
+        cond, guidance = explore.explore_batch(cfg.explore, cond, positions, sd_ts, s.guidance_scale, progress,
+                                               common.generator(cfg.seed, epoch, b, "explore"))
+        noise = common.generator(cfg.seed, epoch, b, "noise")
+        n_noise = s.prompts_per_batch if s.same_noise else len(prompts)
+        x_T = torch.randn((n_noise, *models.latent_shape), generator=noise)
+        x_T = x_T.repeat_interleave(s.group_size, 0) if s.same_noise else x_T
+        with torch.no_grad(), precision.autocast():
+            traj = flow.sample(models, cond, pooled, uncond, pooled_uncond, guidance, s.num_steps, noise,
+                               s.noise_level, s.sde_window, x_T=x_T)
+        out.append(dict(latents=traj.latents, log_probs=traj.log_probs, guidance=guidance, cond=cond, pooled=pooled,
+                        images=traj.images, prompts=[p.text for p in prompts]))
+    return out
+
+
+def grpo_epoch(cfg: Config, models, uncond, pooled_uncond, ts, sigmas, window, data: dict, advantages, accum: int,
+               precision, optimizer, params, world: int, stats: dict, generator, where: str, bars: bool) -> float:
+    """One pass over this process's rollouts in shuffled micro-batches, each re-scored at every step of the SDE
+    window (LoRA on), with the reference step (LoRA off) for the KL term; an optimizer step every `accum`
+    micro-batches. -> max |ratio - 1| before the first optimizer step (0 when on-policy)."""
+    s, t = cfg.sample, cfg.train
+    perm = torch.randperm(len(advantages), generator=generator)
+    micro = perm.split(t.batch_size)
+    ratio_err = 0.0
+    for m, rows in enumerate(tqdm(micro, desc=f"{where} training", leave=False, disable=not bars)):
+        rows_dev = rows.to(advantages.device)
+        for i in window[torch.randperm(len(window), generator=generator)].tolist():
+            x, x_next, w = data["latents"][rows_dev, i], data["latents"][rows_dev, i + 1], data["guidance"][rows, i]
+            cond, pooled = data["cond"][rows_dev], data["pooled"][rows_dev]
+            std = flow.sde_std(sigmas[i], sigmas[i + 1], sigmas[1].item(), s.noise_level).to(x.device)
+            with precision.autocast():
+                v = flow.guided_velocity(models.transformer, x, ts[i], cond, pooled, uncond, pooled_uncond, w)
+                mean = flow.sde_mean(v, x, sigmas[i].item(), sigmas[i + 1].item(), std)
+                _, log_prob = flow.flow_step(v, x, sigmas[i], sigmas[i + 1], std.expand(len(rows)), x_next=x_next)
+                kl = torch.zeros_like(log_prob)
+                if t.beta > 0:
+                    with torch.no_grad(), lora.disabled(models.transformer):
+                        v_ref = flow.guided_velocity(models.transformer, x, ts[i], cond, pooled, uncond, pooled_uncond, w)
+                    kl = flow.kl_same_std(mean, flow.sde_mean(v_ref, x, sigmas[i].item(), sigmas[i + 1].item(), std), std)
+            loss, ratio, clipfrac = ppo_kl_loss(log_prob, data["log_probs"][rows_dev, i], advantages[rows_dev], kl,
+                                                t.clip_range, t.beta)
+            precision.backward(loss / (accum * len(window)))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{where}, micro-batch {m}: non-finite loss.")
+            stats["loss"].append(loss.item())
+            stats["kl"].append(kl.mean().item())
+            stats["clipfrac"].append(clipfrac.item())
+            if m < accum:
+                ratio_err = max(ratio_err, (ratio.detach() - 1).abs().max().item())
+        if (m + 1) % accum == 0:
+            stats["grad_norm"].append(precision.step(optimizer, params, t.max_grad_norm, world, f"{where}, micro-batch {m}"))
+    return ratio_err
+
+
+@torch.no_grad()
+def evaluate_policy(cfg: Config, models, encode, uncond, pooled_uncond, prompts, reward_fn, extra: dict,
+                    prefix: str) -> dict:
+    """The plain policy: the ODE from fixed seeds (sample k of prompt j gets the same noise at every evaluation),
+    plain prompts, w_high, --sample.eval-num-steps. -> {prefix}_reward_mean / _std / _sem, _samples, and
+    {prefix}_NAME_mean per --eval.rewards."""
+    items = [(p, k) for p in prompts for k in range(cfg.eval.samples_per_prompt)]
+    scores, others = [], {name: [] for name in extra}
+    was_training = models.transformer.training
+    models.transformer.eval()
+    for start in range(0, len(items), cfg.eval.batch_size):
+        chunk = items[start:start + cfg.eval.batch_size]
+        cond, pooled, _ = encode([p for p, _ in chunk])
+        x_T = torch.stack([torch.randn(models.latent_shape, generator=common.generator(cfg.seed, "eval", p.text, k))
+                           for p, k in chunk])
+        w = torch.full((len(chunk), cfg.sample.eval_num_steps), float(cfg.sample.guidance_scale))
+        traj = flow.sample(models, cond, pooled, uncond, pooled_uncond, w, cfg.sample.eval_num_steps,
+                           torch.Generator(), x_T=x_T)
+        texts = [p.text for p, _ in chunk]
+        scores.append(reward_fn(traj.images, texts).float().cpu())
+        for name in others:
+            others[name].append(extra[name](traj.images, texts).float().cpu())
+    models.transformer.train(was_training)
+    st = evaluate.stats(torch.cat(scores))
+    return ({f"{prefix}_reward_mean": st["mean"], f"{prefix}_reward_std": st["std"], f"{prefix}_reward_sem": st["sem"],
+             f"{prefix}_samples": st["n"]} | {f"{prefix}_{n}_mean": torch.cat(v).double().mean().item()
+                                              for n, v in others.items()})
+
+
+def cli(args=None) -> Config:
+    return tyro.extras.overridable_config_cli(PRESETS, args=args, description=__doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    scaffold.run_cli(main, cli)
