@@ -52,6 +52,7 @@ class FlowModels:
     scheduler: object  # a diffusers FlowMatchEulerDiscreteScheduler: its shifted sigmas
     name: str
     t5_length: int = 256  # T5's padded length (max_sequence_length of the pipeline)
+    resolution: int = 0  # image side in pixels; 0: the transformer's native sample size
 
     @property
     def device(self):
@@ -59,7 +60,9 @@ class FlowModels:
 
     @property
     def latent_shape(self):
-        c, s = self.transformer.config.in_channels, self.transformer.config.sample_size
+        c = self.transformer.config.in_channels
+        s = self.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1) if self.resolution else \
+            self.transformer.config.sample_size
         return (c, s, s)
 
 

@@ -84,7 +84,7 @@ def test_stated_defaults_are_the_code_defaults():
 
 
 # What a preset's one-line description must say about its model and reward
-MODEL_WORDS = {"tiny": "tiny", "tiny-sd3": "tiny", "sd15": "SD v1.5", "sdxl": "SDXL"}
+MODEL_WORDS = {"tiny": "tiny", "tiny-sd3": "tiny", "sd15": "SD v1.5", "sdxl": "SDXL", "sd35m": "SD3.5 Medium"}
 REWARD_WORDS = {"brightness": "brightness", "aesthetic": "LAION aesthetic", "pickscore": "PickScore",
                 "toy-aesthetic": "aesthetic task", "toy-classifier": "toy-classifier"}
 

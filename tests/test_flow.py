@@ -152,3 +152,14 @@ def test_kl_to_the_reference_step_equals_torch_distributions():
                                                  torch.distributions.Normal(m_ref, s)).mean(dim=(1, 2, 3))
     torch.testing.assert_close(flow.kl_same_std(m, m_ref, std), expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(flow.kl_same_std(m, m, 0.5), torch.zeros(3))
+
+
+def test_resolution_sets_the_latent_and_image_size(sd3):
+    """--sample.resolution: a 64 px image is a 32 x 32 latent (the tiny VAE halves the side once)."""
+    import dataclasses
+    models = dataclasses.replace(sd3, resolution=64)
+    assert models.latent_shape == (4, 32, 32)
+    cond, pooled = flow.encode_text(models, ["a cat"])
+    traj = flow.sample(models, cond, pooled, *flow.encode_text(models, [""]), torch.full((1, 2), 3.0), 2,
+                       torch.Generator().manual_seed(0))
+    assert traj.images.shape == (1, 3, 64, 64)

@@ -16,7 +16,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("train_ddpo.py", "train_alignprop.py", "train_grpo.py", "evaluate.py", "compare.py", "bench.py", "bench_gpu.py", "toy.py",
            "toy_pretrain.py")
-GPU = re.compile(r"\b(sd15|sdxl|sd15-gpu|sdxl-gpu|cuda|nproc_per_node=8)\b|--model /|/path/to/")
+GPU = re.compile(r"\b(sd15|sdxl|sd35m|sd15-gpu|sdxl-gpu|cuda|nproc_per_node=8)\b|--model /|/path/to/")
 
 # flags appended to a cheap command, by script and first argument (the preset or subcommand)
 SHRINK = {
