@@ -1,17 +1,17 @@
 """
-GRPO with DiffExp on flow-matching models (SD3 / SD3.5): group-relative policy optimisation over the rollouts
-of Flow-GRPO's SDE (Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL"), with DiffExp's
-exploration (Chae et al., AAAI 2025) on the sampling side.
+GRPO with DiffExp on flow-matching models (SD3 / SD3.5): group-relative policy optimisation over the
+rollouts of Flow-GRPO's SDE (Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL"),
+with DiffExp's exploration (Chae et al., AAAI 2025) on the sampling side.
 
     python train_grpo.py tiny-sd3                      # offline tiny SD3, a few minutes on a CPU
     python train_grpo.py tiny-sd3 --no-diffexp         # the same without exploration (the baseline)
     python train_grpo.py --help                        # presets; `train_grpo.py tiny-sd3 --help`: all flags
 
 Per sampling batch, `prompts_per_batch` prompts, each drawn `group_size` times (by default from the same
-initial noise); each image's advantage is its reward normalised within its group. The rollouts follow the SDE
-inside a window of steps (the ODE elsewhere), and only those steps are trained: PPO's clipped ratio of the
-per-step Gaussian log-probs, plus beta x the per-step KL to the model before fine-tuning (the same weights
-with LoRA switched off, `lora.disabled`). Each sample keeps its guidance scales and exact (possibly
+initial noise); each image's advantage is its reward normalised within its group. The rollouts follow the
+SDE inside a window of steps (the ODE elsewhere), and only those steps are trained: PPO's clipped ratio of
+the per-step Gaussian log-probs, plus beta x the per-step KL to the model before fine-tuning (the same
+weights with LoRA switched off, `lora.disabled`). Each sample keeps its guidance scales and exact (possibly
 re-weighted) prompt embedding, so the first ratio of an epoch is exactly 1 (logged as first_ratio_err).
 DiffExp enters as in the other trainers: `explore.explore_batch`, with the flow steps placed on SD v1.5's
 timestep scale by noise level (`flow.sd_timesteps`), so --explore.t-thres means what it means there.
@@ -53,7 +53,8 @@ class SampleConfig:
     num_steps: int = 10  # flow steps T per rollout
     guidance_scale: float = 4.5  # w_high: classifier-free guidance scale (the only one when not exploring)
     noise_level: float = 0.7  # the SDE's a (Flow-GRPO); must be > 0: the ODE has no log-prob
-    sde_window: tuple[int, int] = (0, 10)  # the SDE (and training) at steps start <= i < end; the ODE elsewhere
+    # the SDE (and training) at steps start <= i < end; the ODE elsewhere
+    sde_window: tuple[int, int] = (0, 10)
     group_size: int = 8  # images per prompt per batch: the group an advantage is normalised in
     prompts_per_batch: int = 2  # sampling batch = prompts_per_batch x group_size
     num_batches: int = 4  # sampling batches per epoch
@@ -82,7 +83,8 @@ class TrainConfig:
 class Config:
     name: str = "grpo"
     model: str = "sd35m"  # tiny-sd3 | sd35m | a local SD3 diffusers folder | a hub id
-    prompts: str = "animals"  # animals | animal-activities | unseen-animals | drawbench[:Category,...] | file.txt
+    # animals | animal-activities | unseen-animals | drawbench[:Category,...] | file.txt
+    prompts: str = "animals"
     num_epochs: int = 100
     seed: int = 0
     device: str = "auto"
@@ -104,34 +106,39 @@ PRESETS = {
     "tiny-sd3": (
         "Offline tiny random SD3, the model-free brightness reward, a few epochs on a CPU.",
         Config(name="grpo-tiny-sd3", model="tiny-sd3", num_epochs=8,
-               sample=SampleConfig(num_steps=4, sde_window=(0, 2), group_size=4, prompts_per_batch=2, num_batches=2,
-                                   eval_num_steps=4),
+               sample=SampleConfig(num_steps=4, sde_window=(0, 2), group_size=4, prompts_per_batch=2,
+                                   num_batches=2, eval_num_steps=4),
                train=TrainConfig(batch_size=4, updates_per_epoch=2, lr=3e-2, clip_range=0.2, beta=0.01),
-               reward=RewardConfig(name="brightness"), lora=LoRAConfig(rank=4, alpha=4.0, targets=flow.LORA_TARGETS),
-               log=LogConfig(grid_every=4, save_every=4), eval=EvalConfig(every=4, samples_per_prompt=1, diversity=False,
-                                                                         prompts="")),
+               reward=RewardConfig(name="brightness"),
+               lora=LoRAConfig(rank=4, alpha=4.0, targets=flow.LORA_TARGETS),
+               log=LogConfig(grid_every=4, save_every=4),
+               eval=EvalConfig(every=4, samples_per_prompt=1, diversity=False, prompts="")),
     ),
 }
-# SD3.5 Medium with Flow-GRPO's PickScore recipe (github.com/yifan123/flow_grpo: config/grpo.py pickscore_sd3 and
-# config/base.py; LoRA in scripts/train_sd3.py): 512 px, 10 rollout steps (the SDE at all of them) and 40 ODE steps
-# to evaluate, guidance 4.5, noise level 0.7, groups of 24 images with different initial noise, advantages over
-# the batch's std, lr 3e-4, clip range 1e-4, advantages clipped to 5, KL weight 0.01, two optimizer steps per
-# epoch, LoRA rank 32 / alpha 64 on the joint attention, T5 prompts padded to 128. Flow-GRPO spreads 48 prompts x
-# 24 images per epoch over 32 GPUs; one GPU here samples 4 groups (96 rollouts) per epoch and 8 GPUs 16 groups
-# (384), the rest unchanged. Prompts: our 135 animal-activity prompts (Flow-GRPO trains on its own PickScore set).
+# SD3.5 Medium with Flow-GRPO's PickScore recipe (github.com/yifan123/flow_grpo: config/grpo.py
+# pickscore_sd3 and config/base.py; LoRA in scripts/train_sd3.py): 512 px, 10 rollout steps (the SDE at all
+# of them) and 40 ODE steps to evaluate, guidance 4.5, noise level 0.7, groups of 24 images with different
+# initial noise, advantages over the batch's std, lr 3e-4, clip range 1e-4, advantages clipped to 5, KL
+# weight 0.01, two optimizer steps per epoch, LoRA rank 32 / alpha 64 on the joint attention, T5 prompts
+# padded to 128. Flow-GRPO spreads 48 prompts x 24 images per epoch over 32 GPUs; one GPU here samples 4
+# groups (96 rollouts) per epoch and 8 GPUs 16 groups (384), the rest unchanged. Prompts: our 135
+# animal-activity prompts (Flow-GRPO trains on its own PickScore set).
 SD35M = Config(
     model="sd35m", prompts="animal-activities", num_epochs=300, dtype="auto",
-    sample=SampleConfig(num_steps=10, guidance_scale=4.5, noise_level=0.7, sde_window=(0, 10), group_size=24,
-                        prompts_per_batch=1, num_batches=4, same_noise=False, eval_num_steps=40, resolution=512,
-                        max_sequence_length=128),
-    train=TrainConfig(batch_size=8, updates_per_epoch=2, lr=3e-4, clip_range=1e-4, adv_clip_max=5.0, beta=0.01,
-                      std_over="batch"),
+    sample=SampleConfig(num_steps=10, guidance_scale=4.5, noise_level=0.7, sde_window=(0, 10),
+                        group_size=24, prompts_per_batch=1, num_batches=4, same_noise=False,
+                        eval_num_steps=40, resolution=512, max_sequence_length=128),
+    train=TrainConfig(batch_size=8, updates_per_epoch=2, lr=3e-4, clip_range=1e-4, adv_clip_max=5.0,
+                      beta=0.01, std_over="batch"),
     reward=RewardConfig(name="pickscore"), lora=LoRAConfig(rank=32, alpha=64.0, targets=flow.LORA_TARGETS),
-    log=LogConfig(grid_every=10, save_every=10), eval=EvalConfig(every=20, samples_per_prompt=1, diversity=False))
+    log=LogConfig(grid_every=10, save_every=10),
+    eval=EvalConfig(every=20, samples_per_prompt=1, diversity=False))
 PRESETS |= {
-    "sd35m-pickscore": ("SD3.5 Medium, 135 animal-activity prompts, PickScore; Flow-GRPO's recipe on one GPU.",
+    "sd35m-pickscore": ("SD3.5 Medium, 135 animal-activity prompts, PickScore; "
+                        "Flow-GRPO's recipe on one GPU.",
                         dataclasses.replace(SD35M, name="grpo-sd35m-pickscore")),
-    "sd35m-pickscore-8gpu": ("SD3.5 Medium, PickScore, Flow-GRPO's recipe on one node of 8 GPUs (torchrun).",
+    "sd35m-pickscore-8gpu": ("SD3.5 Medium, PickScore, Flow-GRPO's recipe on one node of 8 GPUs "
+                             "(torchrun).",
                              dataclasses.replace(SD35M, name="grpo-sd35m-pickscore-8gpu",
                                                  sample=dataclasses.replace(SD35M.sample, num_batches=16))),
     "sd35m-aesthetic": ("SD3.5 Medium, 45 animals, LAION aesthetic; the PickScore recipe otherwise.",
@@ -145,18 +152,20 @@ PRESETS |= {
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, std_over: str = "group") -> torch.Tensor:
-    """rewards (N,), consecutive groups of group_size -> (r - group mean) / (std + 1e-4), the std of the group or of
-    the whole batch. A group of equal rewards gets advantage 0: it carries no signal."""
+    """rewards (N,), consecutive groups of group_size -> (r - group mean) / (std + 1e-4), the std of the
+    group or of the whole batch. A group of equal rewards gets advantage 0: it carries no signal."""
     r = rewards.double().view(-1, group_size)
     centred = r - r.mean(1, keepdim=True)
-    std = r.std(1, unbiased=False, keepdim=True) if std_over == "group" else rewards.double().std(unbiased=False)
+    std = (r.std(1, unbiased=False, keepdim=True) if std_over == "group"
+           else rewards.double().std(unbiased=False))
     return (centred / (std + 1e-4)).view(-1).float()
 
 
 def ppo_kl_loss(log_prob, old_log_prob, advantages, kl, clip_range: float, beta: float):
     """Clipped surrogate plus beta x KL, to be minimised; all (B,). -> loss, ratio, clipfrac."""
     ratio = torch.exp(log_prob - old_log_prob)
-    surrogate = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+    surrogate = torch.maximum(-advantages * ratio,
+                              -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
     return (surrogate + beta * kl).mean(), ratio, ((ratio - 1).abs() > clip_range).float().mean()
 
 
@@ -171,31 +180,36 @@ def check(cfg: Config, world: int) -> int:
     """GRPO's own flags, after the shared ones. -> micro-batches per optimizer step over all processes."""
     s, t = cfg.sample, cfg.train
     if s.noise_level <= 0:
-        raise ConfigError(f"--sample.noise-level {s.noise_level}: GRPO needs the SDE (> 0); the ODE has no log-prob.")
+        raise ConfigError(f"--sample.noise-level {s.noise_level}: GRPO needs the SDE (> 0); "
+                          "the ODE has no log-prob.")
     if not 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps:
-        raise ConfigError(f"--sample.sde-window {s.sde_window[0]} {s.sde_window[1]}: needs 0 <= start < end <= "
-                          f"--sample.num-steps {s.num_steps}.")
-    if min(s.group_size, s.prompts_per_batch, s.num_batches, t.batch_size, t.updates_per_epoch, s.eval_num_steps) < 1:
-        raise ConfigError("--sample.group-size, --sample.prompts-per-batch, --sample.num-batches, --train.batch-size, "
-                          "--train.updates-per-epoch and --sample.eval-num-steps must be >= 1.")
+        raise ConfigError(f"--sample.sde-window {s.sde_window[0]} {s.sde_window[1]}: needs "
+                          f"0 <= start < end <= --sample.num-steps {s.num_steps}.")
+    if min(s.group_size, s.prompts_per_batch, s.num_batches, t.batch_size, t.updates_per_epoch,
+           s.eval_num_steps) < 1:
+        raise ConfigError("--sample.group-size, --sample.prompts-per-batch, --sample.num-batches, "
+                          "--train.batch-size, --train.updates-per-epoch and --sample.eval-num-steps "
+                          "must be >= 1.")
     if s.group_size < 2:
-        raise ConfigError(f"--sample.group-size {s.group_size}: a group needs at least 2 images to compare.")
+        raise ConfigError(f"--sample.group-size {s.group_size}: a group needs at least 2 images "
+                          "to compare.")
     if t.beta < 0:
         raise ConfigError(f"--train.beta {t.beta}: the KL weight must be >= 0.")
     n = s.group_size * s.prompts_per_batch * s.num_batches
     micro, rem = divmod(n, t.batch_size)
     accum, rem2 = divmod(micro, t.updates_per_epoch)
     if rem or rem2 or accum % world or s.num_batches % world:
-        raise ConfigError(f"batch arithmetic: {n} rollouts per epoch (group size x prompts per batch x batches) must "
-                          f"split into --train.batch-size {t.batch_size} x accumulation x --train.updates-per-epoch "
-                          f"{t.updates_per_epoch}, with batches and accumulation divisible by the {world} process(es).")
+        raise ConfigError(f"batch arithmetic: {n} rollouts per epoch (group size x prompts per batch x "
+                          f"batches) must split into --train.batch-size {t.batch_size} x accumulation x "
+                          f"--train.updates-per-epoch {t.updates_per_epoch}, with batches and accumulation "
+                          f"divisible by the {world} process(es).")
     return accum
 
 
 class FlowPromptEncoder:
-    """Prompts -> (states (B, 77 + L, D), pooled (B, P), phrase positions): each distinct prompt encoded once. A
-    phrase's positions are its CLIP token positions and its T5 token positions after the 77 CLIP rows, so that
-    random prompt weighting reaches all three encoders' states."""
+    """Prompts -> (states (B, 77 + L, D), pooled (B, P), phrase positions): each distinct prompt encoded
+    once. A phrase's positions are its CLIP token positions and its T5 token positions after the 77 CLIP
+    rows, so that random prompt weighting reaches all three encoders' states."""
 
     def __init__(self, models: flow.FlowModels):
         self.models, self.cache = models, {}
@@ -205,9 +219,11 @@ class FlowPromptEncoder:
             states, pooled = flow.encode_text(self.models, [p.text])
             clip = diffusion.phrase_positions(self.models.tokenizers[0], p)
             t5 = diffusion.phrase_positions(self.models.tokenizers[2], p)
-            self.cache[p] = (states[0], pooled[0], [a + [flow.CLIP_LENGTH + i for i in b] for a, b in zip(clip, t5)])
+            self.cache[p] = (states[0], pooled[0],
+                             [a + [flow.CLIP_LENGTH + i for i in b] for a, b in zip(clip, t5)])
         entries = [self.cache[p] for p in prompts]
-        return torch.stack([e[0] for e in entries]), torch.stack([e[1] for e in entries]), [e[2] for e in entries]
+        return (torch.stack([e[0] for e in entries]), torch.stack([e[1] for e in entries]),
+                [e[2] for e in entries])
 
 
 def train(cfg: Config, guard: scaffold.LastGoodState, load_models=flow.load_flow_models):
@@ -250,24 +266,26 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=flow.load_flow
     if scaffold.nothing_left(cfg, start_epoch, run_dir):
         return run_dir
 
-    def policy_scores():  # the ODE on fixed seeds, plain prompts, w_high: training prompts and held-out ones
+    # the ODE on fixed seeds, plain prompts, w_high: training prompts and held-out ones
+    def policy_scores():
         out = {}
         for prefix, prompts in (("plain", prompt_set if cfg.eval.plain else None), ("heldout", heldout)):
             if prompts:
-                out |= evaluate_policy(cfg, models, encode, uncond, pooled_uncond, prompts, reward_fn, eval_rewards,
-                                       prefix)
+                out |= evaluate_policy(cfg, models, encode, uncond, pooled_uncond, prompts, reward_fn,
+                                       eval_rewards, prefix)
         return out
 
     def training_state(epochs_done: int) -> dict:
         return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
                 "precision": precision.state_dict()}
-    run = scaffold.Run(cfg, run_dir, rank, world, start_epoch, reward_queries, models.transformer, params, guard,
-                       training_state, policy_scores)
+    run = scaffold.Run(cfg, run_dir, rank, world, start_epoch, reward_queries, models.transformer, params,
+                       guard, training_state, policy_scores)
     bars = scaffold.show_progress(cfg.log, rank)
     window = torch.arange(*s.sde_window)
-    print0(f"batch arithmetic: {N} rollouts per epoch = {s.num_batches} batches x {s.prompts_per_batch} prompts x "
-           f"groups of {s.group_size}, over {world} process(es); training: steps {s.sde_window[0]}..{s.sde_window[1] - 1} "
-           f"of {T}, micro-batches of {cfg.train.batch_size}, {accum} per optimizer step")
+    print0(f"batch arithmetic: {N} rollouts per epoch = {s.num_batches} batches x {s.prompts_per_batch} "
+           f"prompts x groups of {s.group_size}, over {world} process(es); training: steps "
+           f"{s.sde_window[0]}..{s.sde_window[1] - 1} of {T}, micro-batches of {cfg.train.batch_size}, "
+           f"{accum} per optimizer step")
     my_batches = list(range(rank, s.num_batches, world))
     n_local = len(my_batches) * s.group_size * s.prompts_per_batch
 
@@ -275,23 +293,26 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=flow.load_flow
         progress = epoch / cfg.num_epochs
         exploring = any(explore.active(cfg.explore, progress))
         t0 = time.perf_counter()
-        batches = sample_epoch(cfg, models, encode, uncond, pooled_uncond, prompt_set, sd_ts, epoch, my_batches,
-                               precision, bars)
+        batches = sample_epoch(cfg, models, encode, uncond, pooled_uncond, prompt_set, sd_ts, epoch,
+                               my_batches, precision, bars)
         t_sample = time.perf_counter() - t0
         t0 = time.perf_counter()
         with torch.no_grad():
             local_reward = torch.cat(scaffold.score(reward_fn, [b["images"] for b in batches],
                                                     [b["prompts"] for b in batches], cfg.reward.name,
-                                                    f"{run_dir}/unscored_epoch_{epoch:04d}_rank{rank}.pt")).float().cpu()
+                                                    f"{run_dir}/unscored_epoch_{epoch:04d}"
+                                                    f"_rank{rank}.pt")).float().cpu()
         t_reward = time.perf_counter() - t0
         reward = torch.cat(common.all_gather(local_reward, world))  # (N,), rank-major, groups consecutive
         reward_queries += len(reward)
         if not torch.isfinite(reward).all():
-            raise FloatingPointError(f"epoch {epoch}: non-finite reward from --reward.name {cfg.reward.name}.")
+            raise FloatingPointError(f"epoch {epoch}: non-finite reward from "
+                                     f"--reward.name {cfg.reward.name}.")
         advantages = group_advantages(reward, s.group_size, cfg.train.std_over)
         advantages = advantages.clamp(-cfg.train.adv_clip_max, cfg.train.adv_clip_max)
         advantages = advantages[rank * n_local:(rank + 1) * n_local].to(device)
-        data = {k: torch.cat([b[k] for b in batches]) for k in ("latents", "log_probs", "guidance", "cond", "pooled")}
+        data = {k: torch.cat([b[k] for b in batches])
+                for k in ("latents", "log_probs", "guidance", "cond", "pooled")}
         grid_images = torch.cat([b["images"] for b in batches])[:cfg.log.grid_size]
         local_prompts = sum([b["prompts"] for b in batches], [])
         grid_labels = plots.grid_labels(local_prompts[:cfg.log.grid_size], local_reward[:cfg.log.grid_size])
@@ -299,9 +320,10 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=flow.load_flow
 
         t0 = time.perf_counter()
         stats = {"loss": [], "kl": [], "clipfrac": [], "grad_norm": []}
-        first_ratio_err = grpo_epoch(cfg, models, uncond, pooled_uncond, ts, sigmas, window, data, advantages,
-                                     accum // world, precision, optimizer, params, world, stats,
-                                     common.generator(cfg.seed, epoch, "train", rank), f"epoch {epoch}", bars)
+        first_ratio_err = grpo_epoch(cfg, models, uncond, pooled_uncond, ts, sigmas, window, data,
+                                     advantages, accum // world, precision, optimizer, params, world, stats,
+                                     common.generator(cfg.seed, epoch, "train", rank), f"epoch {epoch}",
+                                     bars)
         t_train = time.perf_counter() - t0
         common.assert_in_sync(params, world, f"epoch {epoch}")
         stats = {k: sum(v) / len(v) for k, v in stats.items()}
@@ -313,7 +335,8 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=flow.load_flow
                   "first_ratio_err": first_ratio_err, "exploring": exploring,
                   "signal_share": (groups.max(1).values > groups.min(1).values).float().mean().item(),
                   "s_sample": t_sample, "s_reward": t_reward, "s_train": t_train}
-        details = f"kl {common.fmt(record['kl'])} | clipfrac {record['clipfrac']:.3f} | loss {common.fmt(record['loss'])}"
+        details = (f"kl {common.fmt(record['kl'])} | clipfrac {record['clipfrac']:.3f} | "
+                   f"loss {common.fmt(record['loss'])}")
         run.end_epoch(epoch, record, details, t_sample + t_reward + t_train, grid_images, grid_labels)
     run.close()
     return run_dir
@@ -321,16 +344,18 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=flow.load_flow
 
 def sample_epoch(cfg: Config, models, encode, uncond, pooled_uncond, prompt_set, sd_ts, epoch: int,
                  my_batches: list[int], precision, bars: bool) -> list[dict]:
-    """This process's rollouts, with exploration: per sampling batch, prompts_per_batch prompts, each group_size
-    times in a row; latents (B, T+1, ...), log-probs (B, T), guidance (B, T), exact prompt embeddings, images.
-    Batch b draws from generators keyed by (seed, epoch, b): the same rollouts on any number of processes."""
+    """This process's rollouts, with exploration: per sampling batch, prompts_per_batch prompts, each
+    group_size times in a row; latents (B, T+1, ...), log-probs (B, T), guidance (B, T), exact prompt
+    embeddings, images. Batch b draws from generators keyed by (seed, epoch, b): the same rollouts on any
+    number of processes."""
     s, progress, out = cfg.sample, epoch / cfg.num_epochs, []
     for b in tqdm(my_batches, desc=f"epoch {epoch} sampling", leave=False, disable=not bars):
-        idx = torch.randint(len(prompt_set), (s.prompts_per_batch,), generator=common.generator(cfg.seed, epoch, b, "prompts"))
+        idx = torch.randint(len(prompt_set), (s.prompts_per_batch,),
+                            generator=common.generator(cfg.seed, epoch, b, "prompts"))
         prompts = [prompt_set[i] for i in idx for _ in range(s.group_size)]
         cond, pooled, positions = encode(prompts)
-        cond, guidance = explore.explore_batch(cfg.explore, cond, positions, sd_ts, s.guidance_scale, progress,
-                                               common.generator(cfg.seed, epoch, b, "explore"))
+        cond, guidance = explore.explore_batch(cfg.explore, cond, positions, sd_ts, s.guidance_scale,
+                                               progress, common.generator(cfg.seed, epoch, b, "explore"))
         noise = common.generator(cfg.seed, epoch, b, "noise")
         n_noise = s.prompts_per_batch if s.same_noise else len(prompts)
         x_T = torch.randn((n_noise, *models.latent_shape), generator=noise)
@@ -338,16 +363,17 @@ def sample_epoch(cfg: Config, models, encode, uncond, pooled_uncond, prompt_set,
         with torch.no_grad(), precision.autocast():
             traj = flow.sample(models, cond, pooled, uncond, pooled_uncond, guidance, s.num_steps, noise,
                                s.noise_level, s.sde_window, x_T=x_T)
-        out.append(dict(latents=traj.latents, log_probs=traj.log_probs, guidance=guidance, cond=cond, pooled=pooled,
-                        images=traj.images, prompts=[p.text for p in prompts]))
+        out.append(dict(latents=traj.latents, log_probs=traj.log_probs, guidance=guidance, cond=cond,
+                        pooled=pooled, images=traj.images, prompts=[p.text for p in prompts]))
     return out
 
 
-def grpo_epoch(cfg: Config, models, uncond, pooled_uncond, ts, sigmas, window, data: dict, advantages, accum: int,
-               precision, optimizer, params, world: int, stats: dict, generator, where: str, bars: bool) -> float:
-    """One pass over this process's rollouts in shuffled micro-batches, each re-scored at every step of the SDE
-    window (LoRA on), with the reference step (LoRA off) for the KL term; an optimizer step every `accum`
-    micro-batches. -> max |ratio - 1| before the first optimizer step (0 when on-policy)."""
+def grpo_epoch(cfg: Config, models, uncond, pooled_uncond, ts, sigmas, window, data: dict, advantages,
+               accum: int, precision, optimizer, params, world: int, stats: dict, generator, where: str,
+               bars: bool) -> float:
+    """One pass over this process's rollouts in shuffled micro-batches, each re-scored at every step of the
+    SDE window (LoRA on), with the reference step (LoRA off) for the KL term; an optimizer step every
+    `accum` micro-batches. -> max |ratio - 1| before the first optimizer step (0 when on-policy)."""
     s, t = cfg.sample, cfg.train
     perm = torch.randperm(len(advantages), generator=generator)
     micro = perm.split(t.batch_size)
@@ -355,20 +381,25 @@ def grpo_epoch(cfg: Config, models, uncond, pooled_uncond, ts, sigmas, window, d
     for m, rows in enumerate(tqdm(micro, desc=f"{where} training", leave=False, disable=not bars)):
         rows_dev = rows.to(advantages.device)
         for i in window[torch.randperm(len(window), generator=generator)].tolist():
-            x, x_next, w = data["latents"][rows_dev, i], data["latents"][rows_dev, i + 1], data["guidance"][rows, i]
+            x, x_next, w = (data["latents"][rows_dev, i], data["latents"][rows_dev, i + 1],
+                            data["guidance"][rows, i])
             cond, pooled = data["cond"][rows_dev], data["pooled"][rows_dev]
             std = flow.sde_std(sigmas[i], sigmas[i + 1], sigmas[1].item(), s.noise_level).to(x.device)
             with precision.autocast():
-                v = flow.guided_velocity(models.transformer, x, ts[i], cond, pooled, uncond, pooled_uncond, w)
+                v = flow.guided_velocity(models.transformer, x, ts[i], cond, pooled, uncond,
+                                         pooled_uncond, w)
                 mean = flow.sde_mean(v, x, sigmas[i].item(), sigmas[i + 1].item(), std)
-                _, log_prob = flow.flow_step(v, x, sigmas[i], sigmas[i + 1], std.expand(len(rows)), x_next=x_next)
+                _, log_prob = flow.flow_step(v, x, sigmas[i], sigmas[i + 1], std.expand(len(rows)),
+                                             x_next=x_next)
                 kl = torch.zeros_like(log_prob)
                 if t.beta > 0:
                     with torch.no_grad(), lora.disabled(models.transformer):
-                        v_ref = flow.guided_velocity(models.transformer, x, ts[i], cond, pooled, uncond, pooled_uncond, w)
-                    kl = flow.kl_same_std(mean, flow.sde_mean(v_ref, x, sigmas[i].item(), sigmas[i + 1].item(), std), std)
-            loss, ratio, clipfrac = ppo_kl_loss(log_prob, data["log_probs"][rows_dev, i], advantages[rows_dev], kl,
-                                                t.clip_range, t.beta)
+                        v_ref = flow.guided_velocity(models.transformer, x, ts[i], cond, pooled, uncond,
+                                                     pooled_uncond, w)
+                    kl = flow.kl_same_std(mean, flow.sde_mean(v_ref, x, sigmas[i].item(),
+                                                              sigmas[i + 1].item(), std), std)
+            loss, ratio, clipfrac = ppo_kl_loss(log_prob, data["log_probs"][rows_dev, i],
+                                                advantages[rows_dev], kl, t.clip_range, t.beta)
             precision.backward(loss / (accum * len(window)))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{where}, micro-batch {m}: non-finite loss.")
@@ -378,16 +409,17 @@ def grpo_epoch(cfg: Config, models, uncond, pooled_uncond, ts, sigmas, window, d
             if m < accum:
                 ratio_err = max(ratio_err, (ratio.detach() - 1).abs().max().item())
         if (m + 1) % accum == 0:
-            stats["grad_norm"].append(precision.step(optimizer, params, t.max_grad_norm, world, f"{where}, micro-batch {m}"))
+            stats["grad_norm"].append(precision.step(optimizer, params, t.max_grad_norm, world,
+                                                     f"{where}, micro-batch {m}"))
     return ratio_err
 
 
 @torch.no_grad()
 def evaluate_policy(cfg: Config, models, encode, uncond, pooled_uncond, prompts, reward_fn, extra: dict,
                     prefix: str) -> dict:
-    """The plain policy: the ODE from fixed seeds (sample k of prompt j gets the same noise at every evaluation),
-    plain prompts, w_high, --sample.eval-num-steps. -> {prefix}_reward_mean / _std / _sem, _samples, and
-    {prefix}_NAME_mean per --eval.rewards."""
+    """The plain policy: the ODE from fixed seeds (sample k of prompt j gets the same noise at every
+    evaluation), plain prompts, w_high, --sample.eval-num-steps. -> {prefix}_reward_mean / _std / _sem,
+    _samples, and {prefix}_NAME_mean per --eval.rewards."""
     items = [(p, k) for p in prompts for k in range(cfg.eval.samples_per_prompt)]
     scores, others = [], {name: [] for name in extra}
     was_training = models.transformer.training
@@ -395,7 +427,8 @@ def evaluate_policy(cfg: Config, models, encode, uncond, pooled_uncond, prompts,
     for start in range(0, len(items), cfg.eval.batch_size):
         chunk = items[start:start + cfg.eval.batch_size]
         cond, pooled, _ = encode([p for p, _ in chunk])
-        x_T = torch.stack([torch.randn(models.latent_shape, generator=common.generator(cfg.seed, "eval", p.text, k))
+        x_T = torch.stack([torch.randn(models.latent_shape,
+                                       generator=common.generator(cfg.seed, "eval", p.text, k))
                            for p, k in chunk])
         w = torch.full((len(chunk), cfg.sample.eval_num_steps), float(cfg.sample.guidance_scale))
         traj = flow.sample(models, cond, pooled, uncond, pooled_uncond, w, cfg.sample.eval_num_steps,
@@ -406,9 +439,9 @@ def evaluate_policy(cfg: Config, models, encode, uncond, pooled_uncond, prompts,
             others[name].append(extra[name](traj.images, texts).float().cpu())
     models.transformer.train(was_training)
     st = evaluate.stats(torch.cat(scores))
-    return ({f"{prefix}_reward_mean": st["mean"], f"{prefix}_reward_std": st["std"], f"{prefix}_reward_sem": st["sem"],
-             f"{prefix}_samples": st["n"]} | {f"{prefix}_{n}_mean": torch.cat(v).double().mean().item()
-                                              for n, v in others.items()})
+    return ({f"{prefix}_reward_mean": st["mean"], f"{prefix}_reward_std": st["std"],
+             f"{prefix}_reward_sem": st["sem"], f"{prefix}_samples": st["n"]}
+            | {f"{prefix}_{n}_mean": torch.cat(v).double().mean().item() for n, v in others.items()})
 
 
 def cli(args=None) -> Config:
