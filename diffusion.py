@@ -461,11 +461,12 @@ def schedule_on(scheduler, device) -> torch.Tensor:
     return cached[2]
 
 
-def ddim_step(scheduler, eps, t, x_t, eta: float, num_steps: int, x_prev=None, generator=None):
+def ddim_step(scheduler, eps, t, x_t, eta: float, num_steps: int, x_prev=None, generator=None, with_mean=False):
     """One DDIM step x_t -> x_prev with its Gaussian log-prob.
     eps: guided noise prediction (B, C, h, w); t: timestep, int or (B,) tensor (samples may sit at
     different timesteps when DDPO re-scores shuffled transitions). With x_prev given, re-scores it
-    instead of sampling. Returns x_prev (B, C, h, w) and log_prob (B,) (zeros when eta = 0)."""
+    instead of sampling. Returns x_prev (B, C, h, w) and log_prob (B,) (zeros when eta = 0); with_mean:
+    also the step's mean (B, C, h, w) and std (B, 1, 1, 1) (GRPO's KL to a reference step)."""
     eps, x_t = eps.float(), x_t.float()
     B = x_t.shape[0]
     t = torch.as_tensor(t, device=x_t.device).long().expand(B)
@@ -488,11 +489,11 @@ def ddim_step(scheduler, eps, t, x_t, eta: float, num_steps: int, x_prev=None, g
         x_prev = mean + std * z.to(x_t.device)
     x_prev = x_prev.float()
     if eta == 0:
-        return x_prev, torch.zeros(B, device=x_t.device)
+        return (x_prev, torch.zeros(B, device=x_t.device)) + ((mean, std) if with_mean else ())
     # Gaussian log-density per element, reduced by the MEAN over latent dims (not the sum): this is
     # the DDPO reference's convention and why its PPO clip_range is as small as 1e-4.
     log_prob = -((x_prev.detach() - mean) ** 2) / (2 * std ** 2) - std.log() - 0.5 * torch.log(torch.tensor(2 * torch.pi))
-    return x_prev, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return (x_prev, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))) + ((mean, std) if with_mean else ())
 
 
 # -----------------------------------------------------------------------------
@@ -545,10 +546,12 @@ def guided_eps(unet, x, t, cond, uncond, w):
     return torch.where(w == 1, eps_cond, torch.where(w == 0, eps_uncond, guided))  # (B, C, h, w)
 
 
-def step_log_prob(models: Models, x_t, t, x_prev, cond, uncond, w, eta: float, num_steps: int):
-    """Re-scores stored transitions x_t -> x_prev under the current UNet (DDPO's training pass)."""
+def step_log_prob(models: Models, x_t, t, x_prev, cond, uncond, w, eta: float, num_steps: int, with_mean=False):
+    """Re-scores stored transitions x_t -> x_prev under the current UNet (DDPO's training pass) -> log_prob (B,);
+    with_mean: (log_prob, the step's mean, its std), as ddim_step."""
     eps = guided_eps(models.unet, x_t, t, cond, uncond, w)
-    return ddim_step(models.scheduler, eps, t, x_t, eta, num_steps, x_prev=x_prev)[1]
+    out = ddim_step(models.scheduler, eps, t, x_t, eta, num_steps, x_prev=x_prev, with_mean=with_mean)
+    return out[1:] if with_mean else out[1]
 
 
 def decode(models: Models, x0: torch.Tensor) -> torch.Tensor:
@@ -571,13 +574,15 @@ class Trajectory:
 
 
 def sample(models: Models, cond, uncond, guidance, num_steps: int, eta: float, generator: torch.Generator,
-           grad_last_k: int = 0, checkpointing: bool = True, decode_images: bool = True, progress=None) -> Trajectory:
+           grad_last_k: int = 0, checkpointing: bool = True, decode_images: bool = True, progress=None,
+           x_T: torch.Tensor | None = None) -> Trajectory:
     """Samples B images. cond (B, 77, D) prompt embeddings (already weighted if exploring); uncond
     (B or 1, 77, D); guidance: a float or (B, T) per-sample, per-step scales (fixed CFG and DiffExp's
     schedule are the same code). Noise comes from `generator` (drawn on its device, then moved).
     grad_last_k = 0: no gradients at all (DDPO sampling). grad_last_k = K: the last K UNet calls and
     the decode run with gradients (AlignProp), each under gradient checkpointing if `checkpointing`;
-    the earlier steps run under no_grad, so their UNet outputs carry no gradient."""
+    the earlier steps run under no_grad, so their UNet outputs carry no gradient. x_T: the initial noise
+    (B, C, h, w) instead of drawing it first from `generator` (GRPO: one per group)."""
     B, device = cond.shape[0], models.device
     ts = timesteps(models, num_steps)
     T = len(ts)
@@ -588,7 +593,9 @@ def sample(models: Models, cond, uncond, guidance, num_steps: int, eta: float, g
     if w.shape != (B, T):
         raise ValueError(f"guidance must be a float or a (B, T) = ({B}, {T}) tensor, got shape {tuple(w.shape)}")
     gen_device = generator.device if generator is not None else "cpu"
-    x = torch.randn((B, *models.latent_shape), generator=generator, device=gen_device).to(device) * models.scheduler.init_noise_sigma
+    if x_T is None:
+        x_T = torch.randn((B, *models.latent_shape), generator=generator, device=gen_device)
+    x = x_T.to(device) * models.scheduler.init_noise_sigma
     grad_from = T - grad_last_k
     latents, log_probs = [x], []
     for i, t in enumerate(progress(ts) if progress else ts):

@@ -105,6 +105,16 @@ def _pretrained(source: str) -> FlowModels:
     return FlowModels(transformer, vae, encoders, tokenizers, scheduler, source)
 
 
+def is_flow_model(name: str) -> bool:
+    """Whether --model names a flow-matching model: tiny-sd3, sd35m, a folder with transformer/, or a hub id of
+    Stable Diffusion 3 (the other names are diffusion.py's)."""
+    if name in FLOW_MODEL_NAMES:
+        return True
+    if os.path.isdir(name):
+        return os.path.isdir(os.path.join(name, "transformer"))
+    return "stable-diffusion-3" in name.lower()
+
+
 def load_flow_models(name: str = "tiny-sd3", device="cpu", dtype=torch.float32, seed: int = 0) -> FlowModels:
     """name: 'tiny-sd3' (offline, random), 'sd35m' (SD3.5 Medium from the hub), a local diffusers folder or a
     hub id. Frozen weights on `device` in `dtype`, eval mode, requires_grad False (the VAE stays float32)."""

@@ -1,22 +1,24 @@
 """
-GRPO with DiffExp on flow-matching models (SD3 / SD3.5): group-relative policy optimisation over the
-rollouts of Flow-GRPO's SDE (Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL"),
+GRPO with DiffExp: group-relative policy optimisation over sampling trajectories that have a likelihood, on
+flow-matching models (SD3 / SD3.5: Flow-GRPO's SDE, Liu et al. 2025, "Flow-GRPO: Training Flow Matching
+Models via Online RL") and on DDIM models (SD v1.5, SDXL, the toy model: DDIM with eta, DDPO's sampler),
 with DiffExp's exploration (Chae et al., AAAI 2025) on the sampling side.
 
-    python train_grpo.py tiny-sd3                      # offline tiny SD3, a few minutes on a CPU
+    python train_grpo.py tiny-sd3                      # offline tiny SD3, seconds per epoch on a CPU
+    python train_grpo.py tiny                          # offline tiny SD v1.5-style model (DDIM)
     python train_grpo.py tiny-sd3 --no-diffexp         # the same without exploration (the baseline)
+    python train_grpo.py sd35m-pickscore               # SD3.5 Medium, Flow-GRPO's PickScore recipe
     python train_grpo.py --help                        # presets; `train_grpo.py tiny-sd3 --help`: all flags
 
 Per sampling batch, `prompts_per_batch` prompts, each drawn `group_size` times (by default from the same
-initial noise); each image's advantage is its reward normalised within its group. The rollouts follow the
-SDE inside a window of steps (the ODE elsewhere), and only those steps are trained: PPO's clipped ratio of
-the per-step Gaussian log-probs, plus beta x the per-step KL to the model before fine-tuning (the same
-weights with LoRA switched off, `lora.disabled`). Each sample keeps its guidance scales and exact (possibly
-re-weighted) prompt embedding, so the first ratio of an epoch is exactly 1 (logged as first_ratio_err).
-DiffExp enters as in the other trainers: `explore.explore_batch`, with the flow steps placed on SD v1.5's
-timestep scale by noise level (`flow.sd_timesteps`), so --explore.t-thres means what it means there.
-This version trains the flow-matching family only; the DDIM family (SD v1.5, SDXL, the toy model) trains
-with train_ddpo.py, whose per-prompt statistics are GRPO's group normalisation without the KL term.
+initial noise); each image's advantage is its reward normalised within its group. Only the steps inside a
+window are trained (flow models: the SDE runs there, the ODE elsewhere): PPO's clipped ratio of the
+per-step Gaussian log-probs, plus beta x the per-step KL to the model before fine-tuning (the same weights
+with LoRA switched off, `lora.disabled`). Each sample keeps its guidance scales and exact (possibly
+re-weighted) prompt embedding, so the first ratio of an epoch is 1 (logged as first_ratio_err). The two
+model families differ only inside FlowFamily and DDIMFamily (encode, roll out, re-score a step, evaluate).
+DiffExp enters as in the other trainers: `explore.explore_batch`, with a flow model's steps placed on SD
+v1.5's timestep scale by noise level (`flow.sd_timesteps`), so --explore.t-thres means the same for both.
 """
 
 import dataclasses
@@ -52,7 +54,8 @@ from scaffold import LogConfig, LoRAConfig
 class SampleConfig:
     num_steps: int = 10  # flow steps T per rollout
     guidance_scale: float = 4.5  # w_high: classifier-free guidance scale (the only one when not exploring)
-    noise_level: float = 0.7  # the SDE's a (Flow-GRPO); must be > 0: the ODE has no log-prob
+    noise_level: float = 0.7  # flow models: the SDE's a (Flow-GRPO); must be > 0: the ODE has no log-prob
+    eta: float = 1.0  # DDIM models (SD v1.5, SDXL, toy): the sampler's eta, > 0
     # the SDE (and training) at steps start <= i < end; the ODE elsewhere
     sde_window: tuple[int, int] = (0, 10)
     group_size: int = 8  # images per prompt per batch: the group an advantage is normalised in
@@ -115,6 +118,11 @@ PRESETS = {
                eval=EvalConfig(every=4, samples_per_prompt=1, diversity=False, prompts="")),
     ),
 }
+TINY_SD3 = PRESETS["tiny-sd3"][1]
+PRESETS["tiny"] = (
+    "Offline tiny random SD v1.5-style model (DDIM, eta 1), the brightness reward, a CPU smoke run.",
+    dataclasses.replace(TINY_SD3, name="grpo-tiny", model="tiny", lora=LoRAConfig(rank=4, alpha=4.0),
+                        sample=dataclasses.replace(TINY_SD3.sample, guidance_scale=5.0, eta=1.0)))
 # SD3.5 Medium with Flow-GRPO's PickScore recipe (github.com/yifan123/flow_grpo: config/grpo.py
 # pickscore_sd3 and config/base.py; LoRA in scripts/train_sd3.py): 512 px, 10 rollout steps (the SDE at all
 # of them) and 40 ODE steps to evaluate, guidance 4.5, noise level 0.7, groups of 24 images with different
@@ -172,16 +180,20 @@ def ppo_kl_loss(log_prob, old_log_prob, advantages, kl, clip_range: float, beta:
 # -----------------------------------------------------------------------------
 
 
-def main(cfg: Config, load_models=flow.load_flow_models):
+def main(cfg: Config, load_models=None):
+    """Trains with cfg. load_models: how the models are loaded (default: the family's loader)."""
     return scaffold.run_guarded(functools.partial(train, load_models=load_models), cfg)
 
 
-def check(cfg: Config, world: int) -> int:
+def check(cfg: Config, world: int, is_flow: bool) -> int:
     """GRPO's own flags, after the shared ones. -> micro-batches per optimizer step over all processes."""
     s, t = cfg.sample, cfg.train
-    if s.noise_level <= 0:
+    if is_flow and s.noise_level <= 0:
         raise ConfigError(f"--sample.noise-level {s.noise_level}: GRPO needs the SDE (> 0); "
                           "the ODE has no log-prob.")
+    if not is_flow and s.eta <= 0:
+        raise ConfigError(f"--sample.eta {s.eta}: GRPO on a DDIM model needs eta > 0 (a deterministic step "
+                          "has no log-prob).")
     if not 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps:
         raise ConfigError(f"--sample.sde-window {s.sde_window[0]} {s.sde_window[1]}: needs "
                           f"0 <= start < end <= --sample.num-steps {s.num_steps}.")
@@ -206,15 +218,28 @@ def check(cfg: Config, world: int) -> int:
     return accum
 
 
-class FlowPromptEncoder:
-    """Prompts -> (states (B, 77 + L, D), pooled (B, P), phrase positions): each distinct prompt encoded
-    once. A phrase's positions are its CLIP token positions and its T5 token positions after the 77 CLIP
-    rows, so that random prompt weighting reaches all three encoders' states."""
+# -----------------------------------------------------------------------------
+# The two model families, and what GRPO asks of each: encode prompts, roll out, re-score one step (its
+# log-prob, mean and std under the current weights), evaluate the plain policy
 
-    def __init__(self, models: flow.FlowModels):
-        self.models, self.cache = models, {}
 
-    def __call__(self, prompts: list):
+class FlowFamily:
+    """SD3 / SD3.5 (flow.py): Flow-GRPO's SDE inside the window, the ODE elsewhere and in evaluation. A
+    phrase's positions are its CLIP token positions and its T5 token positions after the 77 CLIP rows, so
+    that random prompt weighting reaches all three encoders' states."""
+
+    def __init__(self, cfg: Config, models: flow.FlowModels):
+        s = cfg.sample
+        self.cfg, self.cache = cfg, {}
+        self.models = dataclasses.replace(models, resolution=s.resolution or models.resolution,
+                                          t5_length=s.max_sequence_length or models.t5_length)
+        self.module = self.models.transformer  # what LoRA trains
+        self.ts, self.sigmas = flow.schedule(self.models, s.num_steps)
+        self.explore_ts, self.tokens = flow.sd_timesteps(self.sigmas[:-1]), None  # t_thres by noise level
+        self.uncond = flow.encode_text(self.models, [""])  # (states, pooled); never weighted
+
+    def encode(self, prompts: list):
+        """-> states (B, 77 + L, D), pooled (B, P), phrase positions; each distinct prompt encoded once."""
         for p in dict.fromkeys(q for q in prompts if q not in self.cache):
             states, pooled = flow.encode_text(self.models, [p.text])
             clip = diffusion.phrase_positions(self.models.tokenizers[0], p)
@@ -225,14 +250,91 @@ class FlowPromptEncoder:
         return (torch.stack([e[0] for e in entries]), torch.stack([e[1] for e in entries]),
                 [e[2] for e in entries])
 
+    def rollout(self, cond, pooled, guidance, generator, x_T, sde: bool = True):
+        s = self.cfg.sample
+        steps = s.num_steps if sde else s.eval_num_steps
+        traj = flow.sample(self.models, cond, pooled, *self.uncond, guidance, steps, generator,
+                           s.noise_level if sde else 0.0, s.sde_window, x_T=x_T)
+        return traj.latents, traj.log_probs, traj.images
 
-def train(cfg: Config, guard: scaffold.LastGoodState, load_models=flow.load_flow_models):
+    def step(self, x, i: int, x_next, cond, pooled, w):
+        sig, a = self.sigmas, self.cfg.sample.noise_level
+        std = flow.sde_std(sig[i], sig[i + 1], sig[1].item(), a).to(x.device)
+        v = flow.guided_velocity(self.module, x, self.ts[i], cond, pooled, *self.uncond, w)
+        mean = flow.sde_mean(v, x, sig[i].item(), sig[i + 1].item(), std)
+        _, log_prob = flow.flow_step(v, x, sig[i], sig[i + 1], std.expand(len(x)), x_next=x_next)
+        return log_prob, mean, std
+
+    @torch.no_grad()
+    def evaluate(self, prompts, reward_fn, extra: dict, prefix: str) -> dict:
+        """The plain policy: the ODE from fixed seeds (sample k of a prompt gets the same noise at every
+        evaluation), plain prompts, w_high, --sample.eval-num-steps. -> {prefix}_reward_mean / _std / _sem,
+        _samples, and {prefix}_NAME_mean per --eval.rewards."""
+        cfg = self.cfg
+        items = [(p, k) for p in prompts for k in range(cfg.eval.samples_per_prompt)]
+        scores, others = [], {name: [] for name in extra}
+        was_training = self.module.training
+        self.module.eval()
+        for start in range(0, len(items), cfg.eval.batch_size):
+            chunk = items[start:start + cfg.eval.batch_size]
+            cond, pooled, _ = self.encode([p for p, _ in chunk])
+            x_T = torch.stack([torch.randn(self.models.latent_shape,
+                                           generator=common.generator(cfg.seed, "eval", p.text, k))
+                               for p, k in chunk])
+            w = torch.full((len(chunk), cfg.sample.eval_num_steps), float(cfg.sample.guidance_scale))
+            images = self.rollout(cond, pooled, w, torch.Generator(), x_T, sde=False)[2]
+            texts = [p.text for p, _ in chunk]
+            scores.append(reward_fn(images, texts).float().cpu())
+            for name in others:
+                others[name].append(extra[name](images, texts).float().cpu())
+        self.module.train(was_training)
+        st = evaluate.stats(torch.cat(scores))
+        return ({f"{prefix}_reward_mean": st["mean"], f"{prefix}_reward_std": st["std"],
+                 f"{prefix}_reward_sem": st["sem"], f"{prefix}_samples": st["n"]}
+                | {f"{prefix}_{n}_mean": torch.cat(v).double().mean().item() for n, v in others.items()})
+
+
+class DDIMFamily:
+    """SD v1.5, SDXL and the toy model (diffusion.py): DDIM with eta, DDPO's sampler, for rollouts and for
+    the evaluation (evaluate.heldout_score, as the other trainers); the window's steps are trained."""
+
+    def __init__(self, cfg: Config, models: diffusion.Models):
+        self.cfg, self.models, self.module = cfg, models, models.unet
+        self.ts = diffusion.timesteps(models, cfg.sample.num_steps)  # (T,) on the host
+        self.explore_ts, self.tokens = self.ts, diffusion.PROMPT_LENGTH
+        self.uncond = diffusion.encode_text(models, [""])  # never weighted
+        self.encoder = diffusion.PromptEncoder(models)
+
+    def encode(self, prompts: list):
+        cond, positions = self.encoder(prompts)
+        return cond, torch.zeros(len(prompts), 0, device=cond.device), positions  # no pooled embedding
+
+    def rollout(self, cond, pooled, guidance, generator, x_T):
+        s = self.cfg.sample
+        traj = diffusion.sample(self.models, cond, self.uncond, guidance, s.num_steps, s.eta, generator,
+                                x_T=x_T)
+        return traj.latents, traj.log_probs, traj.images
+
+    def step(self, x, i: int, x_next, cond, pooled, w):
+        s = self.cfg.sample
+        return diffusion.step_log_prob(self.models, x, self.ts[i], x_next, cond, self.uncond, w, s.eta,
+                                       s.num_steps, with_mean=True)
+
+    def evaluate(self, prompts, reward_fn, extra: dict, prefix: str) -> dict:
+        s, e = self.cfg.sample, self.cfg.eval
+        return evaluate.heldout_score(self.models, prompts, reward_fn, e.samples_per_prompt,
+                                      s.num_steps, s.eta, s.guidance_scale, self.cfg.seed, e.batch_size,
+                                      None, prefix, extra)
+
+
+def train(cfg: Config, guard: scaffold.LastGoodState, load_models=None):
     # ---- checks and set-up: nothing is written until all of it has succeeded (scaffold.Run)
     scaffold.check_shared(cfg)
     explore.validate(cfg.explore, cfg.sample.guidance_scale)
     rank, world, device = common.init_distributed(cfg.device)
     common.set_threads(cfg.threads)
-    accum = check(cfg, world)
+    is_flow = flow.is_flow_model(cfg.model)
+    accum = check(cfg, world, is_flow)
     s, T = cfg.sample, cfg.sample.num_steps
     N = s.group_size * s.prompts_per_batch * s.num_batches
     dtype = common.resolve_dtype(cfg.dtype, device)
@@ -240,11 +342,11 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=flow.load_flow
     resume = scaffold.resume_from(cfg.resume, run_dir)
     scaffold.check_run_dir(run_dir, resume)
 
+    load_models = load_models or (flow.load_flow_models if is_flow else diffusion.load_models)
     models = load_models(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
-    models = dataclasses.replace(models, resolution=s.resolution or models.resolution,
-                                 t5_length=s.max_sequence_length or models.t5_length)
+    family = FlowFamily(cfg, models) if is_flow else DDIMFamily(cfg, models)
     precision = common.Precision(device, dtype)
-    params = lora.inject(models.transformer, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, seed=cfg.seed)
+    params = lora.inject(family.module, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, seed=cfg.seed)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.adam_betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.adam_eps)
     reward_fn = rewards.make_reward(cfg.reward.name, device=device, dtype=dtype, tiny=cfg.reward.tiny,
@@ -252,13 +354,9 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=flow.load_flow
     eval_rewards = evaluate.load_eval_rewards(cfg.eval, device, dtype, cfg.reward.tiny)  # --eval.rewards
     prompt_set = diffusion.load_prompts(cfg.prompts)
     heldout = diffusion.load_prompts(cfg.eval.prompts) if cfg.eval.every > 0 and cfg.eval.prompts else None
-    encode = FlowPromptEncoder(models)
-    uncond, pooled_uncond = flow.encode_text(models, [""])  # never weighted
-    ts, sigmas = flow.schedule(models, T)
-    sd_ts = flow.sd_timesteps(sigmas[:-1])  # each step on SD v1.5's scale: where DiffExp's t_thres applies
     start_epoch, reward_queries = 0, 0
     if resume:
-        state = scaffold.load_checkpoint(resume, models.transformer)
+        state = scaffold.load_checkpoint(resume, family.module)
         optimizer.load_state_dict(state["optimizer"])
         precision.load_state_dict(state.get("precision"))
         start_epoch, reward_queries = state["epoch"], state["reward_queries"]
@@ -266,19 +364,17 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=flow.load_flow
     if scaffold.nothing_left(cfg, start_epoch, run_dir):
         return run_dir
 
-    # the ODE on fixed seeds, plain prompts, w_high: training prompts and held-out ones
-    def policy_scores():
+    def policy_scores():  # fixed seeds, plain prompts, w_high: the training prompts and the held-out ones
         out = {}
         for prefix, prompts in (("plain", prompt_set if cfg.eval.plain else None), ("heldout", heldout)):
             if prompts:
-                out |= evaluate_policy(cfg, models, encode, uncond, pooled_uncond, prompts, reward_fn,
-                                       eval_rewards, prefix)
+                out |= family.evaluate(prompts, reward_fn, eval_rewards, prefix)
         return out
 
     def training_state(epochs_done: int) -> dict:
         return {"epoch": epochs_done, "reward_queries": reward_queries, "optimizer": optimizer.state_dict(),
                 "precision": precision.state_dict()}
-    run = scaffold.Run(cfg, run_dir, rank, world, start_epoch, reward_queries, models.transformer, params,
+    run = scaffold.Run(cfg, run_dir, rank, world, start_epoch, reward_queries, family.module, params,
                        guard, training_state, policy_scores)
     bars = scaffold.show_progress(cfg.log, rank)
     window = torch.arange(*s.sde_window)
@@ -293,8 +389,7 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=flow.load_flow
         progress = epoch / cfg.num_epochs
         exploring = any(explore.active(cfg.explore, progress))
         t0 = time.perf_counter()
-        batches = sample_epoch(cfg, models, encode, uncond, pooled_uncond, prompt_set, sd_ts, epoch,
-                               my_batches, precision, bars)
+        batches = sample_epoch(cfg, family, prompt_set, epoch, my_batches, precision, bars)
         t_sample = time.perf_counter() - t0
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -320,10 +415,9 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=flow.load_flow
 
         t0 = time.perf_counter()
         stats = {"loss": [], "kl": [], "clipfrac": [], "grad_norm": []}
-        first_ratio_err = grpo_epoch(cfg, models, uncond, pooled_uncond, ts, sigmas, window, data,
-                                     advantages, accum // world, precision, optimizer, params, world, stats,
-                                     common.generator(cfg.seed, epoch, "train", rank), f"epoch {epoch}",
-                                     bars)
+        first_ratio_err = grpo_epoch(cfg, family, window, data, advantages, accum // world, precision,
+                                     optimizer, params, world, stats,
+                                     common.generator(cfg.seed, epoch, "train", rank), f"epoch {epoch}", bars)
         t_train = time.perf_counter() - t0
         common.assert_in_sync(params, world, f"epoch {epoch}")
         stats = {k: sum(v) / len(v) for k, v in stats.items()}
@@ -342,8 +436,8 @@ def train(cfg: Config, guard: scaffold.LastGoodState, load_models=flow.load_flow
     return run_dir
 
 
-def sample_epoch(cfg: Config, models, encode, uncond, pooled_uncond, prompt_set, sd_ts, epoch: int,
-                 my_batches: list[int], precision, bars: bool) -> list[dict]:
+def sample_epoch(cfg: Config, family, prompt_set, epoch: int, my_batches: list[int], precision,
+                 bars: bool) -> list[dict]:
     """This process's rollouts, with exploration: per sampling batch, prompts_per_batch prompts, each
     group_size times in a row; latents (B, T+1, ...), log-probs (B, T), guidance (B, T), exact prompt
     embeddings, images. Batch b draws from generators keyed by (seed, epoch, b): the same rollouts on any
@@ -353,28 +447,27 @@ def sample_epoch(cfg: Config, models, encode, uncond, pooled_uncond, prompt_set,
         idx = torch.randint(len(prompt_set), (s.prompts_per_batch,),
                             generator=common.generator(cfg.seed, epoch, b, "prompts"))
         prompts = [prompt_set[i] for i in idx for _ in range(s.group_size)]
-        cond, pooled, positions = encode(prompts)
-        cond, guidance = explore.explore_batch(cfg.explore, cond, positions, sd_ts, s.guidance_scale,
-                                               progress, common.generator(cfg.seed, epoch, b, "explore"))
+        cond, pooled, positions = family.encode(prompts)
+        cond, guidance = explore.explore_batch(cfg.explore, cond, positions, family.explore_ts,
+                                               s.guidance_scale, progress,
+                                               common.generator(cfg.seed, epoch, b, "explore"), family.tokens)
         noise = common.generator(cfg.seed, epoch, b, "noise")
         n_noise = s.prompts_per_batch if s.same_noise else len(prompts)
-        x_T = torch.randn((n_noise, *models.latent_shape), generator=noise)
+        x_T = torch.randn((n_noise, *family.models.latent_shape), generator=noise)
         x_T = x_T.repeat_interleave(s.group_size, 0) if s.same_noise else x_T
         with torch.no_grad(), precision.autocast():
-            traj = flow.sample(models, cond, pooled, uncond, pooled_uncond, guidance, s.num_steps, noise,
-                               s.noise_level, s.sde_window, x_T=x_T)
-        out.append(dict(latents=traj.latents, log_probs=traj.log_probs, guidance=guidance, cond=cond,
-                        pooled=pooled, images=traj.images, prompts=[p.text for p in prompts]))
+            latents, log_probs, images = family.rollout(cond, pooled, guidance, noise, x_T)
+        out.append(dict(latents=latents, log_probs=log_probs, guidance=guidance, cond=cond, pooled=pooled,
+                        images=images, prompts=[p.text for p in prompts]))
     return out
 
 
-def grpo_epoch(cfg: Config, models, uncond, pooled_uncond, ts, sigmas, window, data: dict, advantages,
-               accum: int, precision, optimizer, params, world: int, stats: dict, generator, where: str,
-               bars: bool) -> float:
+def grpo_epoch(cfg: Config, family, window, data: dict, advantages, accum: int, precision, optimizer, params,
+               world: int, stats: dict, generator, where: str, bars: bool) -> float:
     """One pass over this process's rollouts in shuffled micro-batches, each re-scored at every step of the
-    SDE window (LoRA on), with the reference step (LoRA off) for the KL term; an optimizer step every
-    `accum` micro-batches. -> max |ratio - 1| before the first optimizer step (0 when on-policy)."""
-    s, t = cfg.sample, cfg.train
+    window (LoRA on), with the reference step (LoRA off) for the KL term; an optimizer step every `accum`
+    micro-batches. -> max |ratio - 1| before the first optimizer step (0 when on-policy)."""
+    t = cfg.train
     perm = torch.randperm(len(advantages), generator=generator)
     micro = perm.split(t.batch_size)
     ratio_err = 0.0
@@ -384,20 +477,13 @@ def grpo_epoch(cfg: Config, models, uncond, pooled_uncond, ts, sigmas, window, d
             x, x_next, w = (data["latents"][rows_dev, i], data["latents"][rows_dev, i + 1],
                             data["guidance"][rows, i])
             cond, pooled = data["cond"][rows_dev], data["pooled"][rows_dev]
-            std = flow.sde_std(sigmas[i], sigmas[i + 1], sigmas[1].item(), s.noise_level).to(x.device)
             with precision.autocast():
-                v = flow.guided_velocity(models.transformer, x, ts[i], cond, pooled, uncond,
-                                         pooled_uncond, w)
-                mean = flow.sde_mean(v, x, sigmas[i].item(), sigmas[i + 1].item(), std)
-                _, log_prob = flow.flow_step(v, x, sigmas[i], sigmas[i + 1], std.expand(len(rows)),
-                                             x_next=x_next)
+                log_prob, mean, std = family.step(x, i, x_next, cond, pooled, w)
                 kl = torch.zeros_like(log_prob)
                 if t.beta > 0:
-                    with torch.no_grad(), lora.disabled(models.transformer):
-                        v_ref = flow.guided_velocity(models.transformer, x, ts[i], cond, pooled, uncond,
-                                                     pooled_uncond, w)
-                    kl = flow.kl_same_std(mean, flow.sde_mean(v_ref, x, sigmas[i].item(),
-                                                              sigmas[i + 1].item(), std), std)
+                    with torch.no_grad(), lora.disabled(family.module):
+                        mean_ref = family.step(x, i, x_next, cond, pooled, w)[1]
+                    kl = flow.kl_same_std(mean, mean_ref, std)
             loss, ratio, clipfrac = ppo_kl_loss(log_prob, data["log_probs"][rows_dev, i],
                                                 advantages[rows_dev], kl, t.clip_range, t.beta)
             precision.backward(loss / (accum * len(window)))
@@ -412,36 +498,6 @@ def grpo_epoch(cfg: Config, models, uncond, pooled_uncond, ts, sigmas, window, d
             stats["grad_norm"].append(precision.step(optimizer, params, t.max_grad_norm, world,
                                                      f"{where}, micro-batch {m}"))
     return ratio_err
-
-
-@torch.no_grad()
-def evaluate_policy(cfg: Config, models, encode, uncond, pooled_uncond, prompts, reward_fn, extra: dict,
-                    prefix: str) -> dict:
-    """The plain policy: the ODE from fixed seeds (sample k of prompt j gets the same noise at every
-    evaluation), plain prompts, w_high, --sample.eval-num-steps. -> {prefix}_reward_mean / _std / _sem,
-    _samples, and {prefix}_NAME_mean per --eval.rewards."""
-    items = [(p, k) for p in prompts for k in range(cfg.eval.samples_per_prompt)]
-    scores, others = [], {name: [] for name in extra}
-    was_training = models.transformer.training
-    models.transformer.eval()
-    for start in range(0, len(items), cfg.eval.batch_size):
-        chunk = items[start:start + cfg.eval.batch_size]
-        cond, pooled, _ = encode([p for p, _ in chunk])
-        x_T = torch.stack([torch.randn(models.latent_shape,
-                                       generator=common.generator(cfg.seed, "eval", p.text, k))
-                           for p, k in chunk])
-        w = torch.full((len(chunk), cfg.sample.eval_num_steps), float(cfg.sample.guidance_scale))
-        traj = flow.sample(models, cond, pooled, uncond, pooled_uncond, w, cfg.sample.eval_num_steps,
-                           torch.Generator(), x_T=x_T)
-        texts = [p.text for p, _ in chunk]
-        scores.append(reward_fn(traj.images, texts).float().cpu())
-        for name in others:
-            others[name].append(extra[name](traj.images, texts).float().cpu())
-    models.transformer.train(was_training)
-    st = evaluate.stats(torch.cat(scores))
-    return ({f"{prefix}_reward_mean": st["mean"], f"{prefix}_reward_std": st["std"],
-             f"{prefix}_reward_sem": st["sem"], f"{prefix}_samples": st["n"]}
-            | {f"{prefix}_{n}_mean": torch.cat(v).double().mean().item() for n, v in others.items()})
 
 
 def cli(args=None) -> Config:

@@ -1,4 +1,4 @@
-"""train_grpo.py on the tiny SD3: group advantages and the loss against independent computations, a run whose
+"""train_grpo.py on the tiny SD3 (and the tiny DDIM model): group advantages and the loss against independent computations, a run whose
 first ratio is 1 and whose plain policy's reward rises, LoRA saved under diffusers' 'transformer.' prefix,
 resume equal to an uninterrupted run, and one-line errors for GRPO's own flags."""
 
@@ -14,8 +14,8 @@ import train_grpo
 from common import ConfigError
 
 
-def small(tmp_path, **kw):
-    cfg = train_grpo.PRESETS["tiny-sd3"][1]
+def small(tmp_path, preset="tiny-sd3", **kw):
+    cfg = train_grpo.PRESETS[preset][1]
     return dataclasses.replace(cfg, run_dir=str(tmp_path / "run"), threads=1, **kw)
 
 
@@ -44,8 +44,10 @@ def test_loss_is_the_clipped_surrogate_plus_beta_kl():
     assert clipfrac.item() == pytest.approx(2 / 3)
 
 
-def test_tiny_run_is_on_policy_and_raises_the_plain_reward(tmp_path):
-    run = train_grpo.main(small(tmp_path))
+@pytest.mark.parametrize("preset, prefix", [("tiny-sd3", "transformer."), ("tiny", "unet.")])
+def test_tiny_run_is_on_policy_and_raises_the_plain_reward(tmp_path, preset, prefix):
+    """Both model families: the flow SDE (tiny SD3) and DDIM with eta (the tiny SD v1.5-style model)."""
+    run = train_grpo.main(small(tmp_path, preset))
     records = read(run)
     assert [r["epoch"] for r in records] == list(range(-1, 8))
     assert [r["reward_queries"] for r in records[1:]] == [16 * (e + 1) for e in range(8)]
@@ -55,7 +57,7 @@ def test_tiny_run_is_on_policy_and_raises_the_plain_reward(tmp_path):
     assert len(plain) == 3 and plain[-1] > plain[0] + 0.002, plain  # brightness of the plain policy rises
     weights = os.path.join(scaffold.latest_checkpoint(run), "pytorch_lora_weights.safetensors")
     with safe_open(weights, "pt") as f:
-        assert all(k.startswith("transformer.") for k in f.keys())  # what StableDiffusion3Pipeline reads
+        assert all(k.startswith(prefix) for k in f.keys())  # what the family's diffusers pipeline reads
 
 
 def test_checkpoint_then_resume_equals_uninterrupted(tmp_path):
