@@ -23,6 +23,7 @@ v1.5's timestep scale by noise level (`flow.sd_timesteps`), so --explore.t-thres
 
 import dataclasses
 import functools
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -123,6 +124,20 @@ PRESETS["tiny"] = (
     "Offline tiny random SD v1.5-style model (DDIM, eta 1), the brightness reward, a CPU smoke run.",
     dataclasses.replace(TINY_SD3, name="grpo-tiny", model="tiny", lora=LoRAConfig(rank=4, alpha=4.0),
                         sample=dataclasses.replace(TINY_SD3.sample, guidance_scale=5.0, eta=1.0)))
+TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy")
+TOY_T_THRES = 570  # the paper's t_thres 800 mapped to the toy model's schedule by noise level (tested)
+# The toy world (docs/toy-world.md) with DDPO's toy sampler (10 DDIM steps, eta 1, CFG 5) and its trained half of
+# each trajectory, groups of 8 images per prompt, 128 rollouts and one optimizer step per epoch.
+PRESETS["toy"] = (
+    "The toy world's aesthetic task (the shipped pixel-space model, offline, CPU), GRPO on DDIM with eta 1.",
+    Config(name="grpo-toy", model=TOY_MODEL, prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_train.txt"),
+           num_epochs=8, sample=SampleConfig(num_steps=10, guidance_scale=5.0, eta=1.0, sde_window=(0, 5),
+                                             group_size=8, prompts_per_batch=2, num_batches=8),
+           train=TrainConfig(batch_size=16, updates_per_epoch=1, lr=5e-3, clip_range=0.2, beta=0.01),
+           explore=ExploreConfig(t_thres=TOY_T_THRES), reward=RewardConfig(name="toy-aesthetic"),
+           lora=LoRAConfig(alpha=16.0), log=LogConfig(grid_every=1, save_every=1),
+           eval=EvalConfig(every=1, samples_per_prompt=2, diversity=False,
+                           prompts=os.path.join(diffusion.PROMPTS_DIR, "toy_heldout.txt"))))
 # SD3.5 Medium with Flow-GRPO's PickScore recipe (github.com/yifan123/flow_grpo: config/grpo.py
 # pickscore_sd3 and config/base.py; LoRA in scripts/train_sd3.py): 512 px, 10 rollout steps (the SDE at all
 # of them) and 40 ODE steps to evaluate, guidance 4.5, noise level 0.7, groups of 24 images with different

@@ -262,9 +262,10 @@ def test_toy_presets_use_the_mapped_t_thres():
     """The trainers' toy presets use the paper's t_thres 800 mapped to the toy model's schedule by noise level
     (toy_pretrain.snr_matched_t: the nearest alpha_bar, 569; the presets round it to 570)."""
     import toy_pretrain
-    for trainer in (train_ddpo, train_alignprop):
+    import train_grpo
+    for trainer in (train_ddpo, train_alignprop, train_grpo):
         assert trainer.TOY_T_THRES == toy_pretrain.T_THRES and abs(trainer.TOY_T_THRES - toy_pretrain.snr_matched_t(800)) <= 1
-        for preset in ("toy", "toy-classifier"):
+        for preset in [p for p in ("toy", "toy-classifier") if p in trainer.PRESETS]:
             assert trainer.PRESETS[preset][1].explore.t_thres == trainer.TOY_T_THRES
 
 

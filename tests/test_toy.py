@@ -330,3 +330,21 @@ def test_ddpo_gradient_signal_measurement_runs():
     assert len(norms) == signal.Config().num_steps and min(norms) > 0
     assert [r["direction"] for r in out["rows"]] == ["pathwise", "ddpo", "ddpo, steps 1-5"]
     assert all(r["plus"] != r["minus"] for r in out["rows"])  # the weights moved, and were put back between
+
+
+def test_one_toy_epoch_of_grpo(tmp_path):
+    """train_grpo.py's toy preset (DDIM with eta 1 on the shipped model), shrunk to one epoch of 4 steps and two
+    groups of 2: the toy reward, the evaluation before and after, LoRA weights that move."""
+    import train_grpo
+    cfg = train_grpo.PRESETS["toy"][1]
+    cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"), num_epochs=1,
+                              sample=dataclasses.replace(cfg.sample, num_steps=4, sde_window=(0, 2), group_size=2,
+                                                         prompts_per_batch=1, num_batches=2),
+                              train=dataclasses.replace(cfg.train, batch_size=2),
+                              eval=dataclasses.replace(cfg.eval, samples_per_prompt=1))
+    train_grpo.main(cfg)
+    before, record = scaffold.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    assert before["reward_queries"] == 0 and "plain_reward_mean" in before and "heldout_reward_mean" in before
+    assert record["reward_queries"] == 4 and record["first_ratio_err"] < 1e-5
+    path = os.path.join(scaffold.latest_checkpoint(str(tmp_path / "run")), lora.WEIGHT_NAME)
+    assert any(v.abs().max() > 0 for k, v in load_file(path).items() if "lora_B" in k)
