@@ -29,6 +29,9 @@ SHRINK = {
     ("evaluate.py", "score"): "--num-steps 2 --samples-per-prompt 1",
     ("compare.py", None): "",
     ("train_grpo.py", None): "--num-epochs 1",
+    ("train_grpo.py", "toy"): "--num-epochs 1 --sample.num-steps 2 --sample.sde-window 0 1 --sample.group-size 2 "
+                              "--sample.prompts-per-batch 1 --sample.num-batches 1 --train.batch-size 2 "
+                              "--eval.samples-per-prompt 1",
     ("bench.py", None): "--stages sample --burn-in 0 --iters 1",
     ("toy_pretrain.py", "eval"): "--per-caption 1 --num-steps 2 --threads 1",
     ("toy_pretrain.py", "pretrain"): "--steps 2 --out pretrained-toy",
