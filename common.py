@@ -57,7 +57,8 @@ def hub_reachable() -> bool:
 
 
 OFFLINE_HINT = ("download it on a machine with internet (`hf download {repo} --local-dir DIR`, the command of the "
-                "huggingface_hub package) and pass DIR; HF_HUB_OFFLINE=1 makes every load skip the network at once")
+                "huggingface_hub package) and pass {flag} DIR; HF_HUB_OFFLINE=1 makes every load skip the network "
+                "at once")
 
 
 def set_threads(threads: int) -> int:

@@ -224,13 +224,13 @@ def _pretrained_models(source, flag=None):
     if not common.hub_reachable():
         raise ConfigError(f"--model {flag}: '{source}' is not in the local Hugging Face cache and the hub cannot be "
                           f"reached (offline, or HF_HUB_OFFLINE is set): "
-                          f"{common.OFFLINE_HINT.format(repo=source)} as --model DIR; {offline}.")
+                          f"{common.OFFLINE_HINT.format(repo=source, flag='--model')}; {offline}.")
     try:
         return load(False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {flag}: could not download '{source}' from the Hugging Face hub "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                          f"{common.OFFLINE_HINT.format(repo=source)} as --model DIR; {offline}.") from e
+                          f"{common.OFFLINE_HINT.format(repo=source, flag='--model')}; {offline}.") from e
 
 
 def load_models(name: str = "tiny", device="cpu", dtype=torch.float32, seed: int = 0) -> Models:

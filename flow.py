@@ -99,8 +99,8 @@ def _pretrained(source: str) -> FlowModels:
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {source}: could not load an SD3 diffusers folder ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}). "
-                          f"{common.OFFLINE_HINT.format(repo=source)} as --model DIR; --model tiny-sd3 is the "
+                          f"{str(e).splitlines()[0] if str(e) else ''}): "
+                          f"{common.OFFLINE_HINT.format(repo=source, flag='--model')}; --model tiny-sd3 is the "
                           "offline model.") from e
     return FlowModels(transformer, vae, encoders, tokenizers, scheduler, source)
 
