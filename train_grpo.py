@@ -273,12 +273,15 @@ class FlowFamily:
         return traj.latents, traj.log_probs, traj.images
 
     def step(self, x, i: int, x_next, cond, pooled, w):
+        """-> log_prob (B,), mean, and the std the KL is measured in: Flow-GRPO's, the SDE's coefficient
+        a sqrt(sigma / (1 - sigma)) without the step's sqrt(-dt), i.e. the KL per unit of sigma, so that its
+        --train.beta values carry over (the true step KL is this divided by -dt)."""
         sig, a = self.sigmas, self.cfg.sample.noise_level
         std = flow.sde_std(sig[i], sig[i + 1], sig[1].item(), a).to(x.device)
         v = flow.guided_velocity(self.module, x, self.ts[i], cond, pooled, *self.uncond, w)
         mean = flow.sde_mean(v, x, sig[i].item(), sig[i + 1].item(), std)
         _, log_prob = flow.flow_step(v, x, sig[i], sig[i + 1], std.expand(len(x)), x_next=x_next)
-        return log_prob, mean, std
+        return log_prob, mean, std / (sig[i] - sig[i + 1]).sqrt().to(x.device)
 
     @torch.no_grad()
     def evaluate(self, prompts, reward_fn, extra: dict, prefix: str) -> dict:
