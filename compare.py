@@ -195,31 +195,31 @@ def bootstrap_ratio(a: list[float], b: list[float], n: int = 10_000,
     return (a_t.mean() / b_t.mean()).item(), lo, hi
 
 
-def paired_bootstrap_ratio(a: list[float], b: list[float], n: int = 10_000,
-                           seed: int = 0) -> tuple[float, float, float]:
-    """mean(a) / mean(b) for paired values (a[i], b[i]: one seed in two arms, which shared its prompts and
-    noise) and its 95% percentile-bootstrap interval: the seeds resampled with replacement, each drawn seed
-    bringing both of its values, n times. What the seeds share cancels, so the interval is narrower than
-    bootstrap_ratio's when the arms' values move together from seed to seed."""
+def paired_bootstrap(a: list[float], b: list[float], statistic, n: int = 10_000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """statistic(mean of a, mean of b) for paired values (a[i], b[i]: one seed in two arms, which shared its
+    prompts and noise) and its 95% percentile-bootstrap interval: the seeds resampled with replacement, each
+    drawn seed bringing both of its values, n times. What the seeds share cancels, so the interval is
+    narrower than an unpaired one when the arms' values move together from seed to seed."""
     if len(a) != len(b):
-        raise ValueError(f"paired_bootstrap_ratio: {len(a)} and {len(b)} values; pairs need equal numbers.")
+        raise ValueError(f"paired bootstrap: {len(a)} and {len(b)} values; pairs need equal numbers.")
     a_t, b_t = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
     idx = torch.randint(len(a), (n, len(a)), generator=torch.Generator().manual_seed(seed))
-    ratios = a_t[idx].mean(1) / b_t[idx].mean(1)
-    lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return (a_t.mean() / b_t.mean()).item(), lo, hi
+    values = statistic(a_t[idx].mean(1), b_t[idx].mean(1))
+    lo, hi = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return statistic(a_t.mean(), b_t.mean()).item(), lo, hi
+
+
+def paired_bootstrap_ratio(a: list[float], b: list[float], n: int = 10_000,
+                           seed: int = 0) -> tuple[float, float, float]:
+    """mean(a) / mean(b) for paired values, with its paired bootstrap interval (paired_bootstrap)."""
+    return paired_bootstrap(a, b, lambda x, y: x / y, n, seed)
 
 
 def paired_bootstrap_diff(a: list[float], b: list[float], n: int = 10_000,
                           seed: int = 0) -> tuple[float, float, float]:
-    """mean(a - b) for paired values and its 95% percentile-bootstrap interval, the seeds resampled as in
-    paired_bootstrap_ratio."""
-    if len(a) != len(b):
-        raise ValueError(f"paired_bootstrap_diff: {len(a)} and {len(b)} values; pairs need equal numbers.")
-    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    idx = torch.randint(len(d), (n, len(d)), generator=torch.Generator().manual_seed(seed))
-    lo, hi = torch.quantile(d[idx].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return d.mean().item(), lo, hi
+    """mean(a) - mean(b) = mean(a - b) for paired values, with its paired bootstrap interval."""
+    return paired_bootstrap(a, b, lambda x, y: x - y, n, seed)
 
 
 def area(x: torch.Tensor, y: torch.Tensor) -> float:
