@@ -192,6 +192,20 @@ class Precision:
 # never from a stream that depends on what ran before. So a resumed run, a run split over several
 # processes, and a run with one DiffExp strategy switched off all see the same noise for the same sample.
 
+def read_stats(pending: list, names: tuple[str, ...], stats: dict, where: str) -> torch.Tensor:
+    """The training statistics of one micro-batch: `pending` holds one device tensor per forward (the loss
+    first, then `names[1:]`, then any extra columns), read to the host ONCE (a host-device synchronisation per
+    forward would stall a GPU). Appends each named column to stats[name]; a non-finite loss raises
+    FloatingPointError (checked here: under float16 a non-finite gradient may be the loss scaler's, which it
+    skips). -> the (forwards, columns) host tensor."""
+    read = torch.stack(pending).cpu()
+    if not torch.isfinite(read[:, 0]).all():
+        raise FloatingPointError(f"{where}: non-finite loss.")
+    for k, column in zip(names, read.T):
+        stats[k].extend(column.tolist())
+    return read
+
+
 def generator(*keys) -> torch.Generator:
     digest = hashlib.sha256(repr(keys).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))

@@ -479,13 +479,8 @@ def ppo_epoch(cfg: Config, models, uncond, timesteps, data: dict, advantages, tr
             precision.backward(loss * (steps.stop - steps.start) / (accum * train_steps))
             pending.append(torch.stack([loss.detach(), approx_kl.detach(), clipfrac,
                                         (ratio.detach() - 1).abs().max()]).float())
-        # read once per micro-batch: a host-device synchronisation per forward would stall the GPU
-        read = torch.stack(pending).cpu()  # (forwards, 4)
-        # checked here: under float16 a non-finite gradient may be the scaler's
-        if not torch.isfinite(read[:, 0]).all():
-            raise FloatingPointError(f"{where}, micro-batch {m}: non-finite loss.")
-        for k, column in zip(("loss", "approx_kl", "clipfrac"), read.T):
-            stats[k].extend(column.tolist())
+        read = common.read_stats(pending, ("loss", "approx_kl", "clipfrac"), stats,
+                                 f"{where}, micro-batch {m}")  # (forwards, 4)
         if m < accum:
             ratio_err = max(ratio_err, read[:, 3].max().item())
         if (m + 1) % accum == 0:

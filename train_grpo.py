@@ -507,12 +507,7 @@ def grpo_epoch(cfg: Config, family, window, data: dict, advantages, accum: int, 
             precision.backward(loss / (accum * len(window)))
             pending.append(torch.stack([loss.detach(), kl.detach().mean(), clipfrac,
                                         (ratio.detach() - 1).abs().max()]).float())
-        # read once per micro-batch: a host-device synchronisation per step would stall a GPU
-        read = torch.stack(pending).cpu()  # (steps, 4)
-        if not torch.isfinite(read[:, 0]).all():
-            raise FloatingPointError(f"{where}, micro-batch {m}: non-finite loss.")
-        for k, column in zip(("loss", "kl", "clipfrac"), read.T):
-            stats[k].extend(column.tolist())
+        read = common.read_stats(pending, ("loss", "kl", "clipfrac"), stats, f"{where}, micro-batch {m}")
         if m < accum:
             ratio_err = max(ratio_err, read[:, 3].max().item())
         if (m + 1) % accum == 0:
