@@ -46,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import common
 import diffusion
+import flow
 import lora
 import rewards
 from scaffold import run_cli
@@ -325,24 +326,25 @@ class Bench:
         return write_record(r, self.cfg.out, self.records)
 
 
-RANDOM_MODELS = ("tiny", "sd15-random", "tiny-sdxl", "sdxl-random")
+RANDOM_MODELS = ("tiny", "sd15-random", "tiny-sdxl", "sdxl-random", "tiny-sd3", "sd35m-random")
 
 
-def load_models(name: str = "tiny", device="cpu", dtype=torch.float32, seed: int = 0) -> diffusion.Models:
-    """diffusion.load_models, with a random architecture's weights drawn on `device` itself: drawing SDXL's
-    3.5 B random weights on the host takes about a minute (SD v1.5's 1.1 B: 14 s on 2 cores), a large
-    part of a measurement budget, and their values do not matter here. The scheduler is rebuilt outside,
-    so its tensors stay on the host, as load_models leaves them. On a CPU this is load_models itself.
-    The same signature as diffusion.load_models: a loader to hand to what takes one."""
+def load_models(name: str = "tiny", device="cpu", dtype=torch.float32, seed: int = 0):
+    """diffusion.load_models (flow.load_flow_models for SD3 models), with a random architecture's weights
+    drawn on `device` itself: drawing SDXL's 3.5 B random weights on the host takes about a minute (SD
+    v1.5's 1.1 B: 14 s on 2 cores), a large part of a measurement budget, and their values do not matter
+    here. The scheduler is rebuilt outside, so its tensors stay on the host, as the loaders leave them. On
+    a CPU this is the loader itself. The same signature as the loaders: a loader to hand to what takes one."""
+    load = flow.load_flow_models if flow.is_flow_model(name) else diffusion.load_models
     if name not in RANDOM_MODELS:
-        return diffusion.load_models(name, device=device, dtype=dtype, seed=seed)
+        return load(name, device=device, dtype=dtype, seed=seed)
     try:
         with torch.device(device):
-            models = diffusion.load_models(name, device=device, dtype=dtype, seed=seed)
+            models = load(name, device=device, dtype=dtype, seed=seed)
     except Exception as e:  # a constructor that does not follow the default device: the host's draw, slower
         print(f"bench: drawing {name}'s weights on {device} failed ({type(e).__name__}: {e}); "
               "drawing them on the host", flush=True)
-        return diffusion.load_models(name, device=device, dtype=dtype, seed=seed)
+        return load(name, device=device, dtype=dtype, seed=seed)
     models.scheduler = type(models.scheduler).from_config(models.scheduler.config)
     return models
 

@@ -8,7 +8,9 @@ one JSON line per measurement, then a markdown table of them. Built on bench.py'
     python bench_gpu.py run --out bench-gpu.jsonl --parts sdxl trl   # some parts only (what a timeout left)
     python bench_gpu.py run --help                                   # every flag
 
-The parts (bench_parts.py), in priority order: the sampling MFU sweep on SD v1.5 (batch sizes,
+The parts (bench_parts.py), in priority order: GRPO on the SD3.5 Medium architecture (two shrunk epochs of
+train_grpo's sd35m-pickscore: rollout images/s, training transitions/s, peak memory; goal 80 GiB), the
+sampling MFU sweep on SD v1.5 (batch sizes,
 channels_last, SDPA backends, torch.compile; goal 50% MFU), DiffExp's guidance schedule against fixed
 CFG, the DDPO update at the sd15-aesthetic preset's defaults with first_ratio_err (goal: at most the PPO
 clip range), AlignProp with gradients through all steps at batch 4 (goal: 24 GiB), SDXL's stages and one
@@ -56,6 +58,8 @@ from scaffold import read_metrics, run_cli
 class Suite:
     model: str = "sd15-random"  # the SD v1.5 parts' model
     sdxl_model: str = "sdxl-random"
+    flow_model: str = "sd35m-random"  # the GRPO part's model
+    grpo_args: tuple[str, ...] = ()  # more train_grpo flags for the GRPO part (after sd35m-pickscore's)
     device: str = "cuda"
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     threads: int = 0  # CPU threads for torch (0: torch's default)
@@ -82,7 +86,10 @@ SUITE_PRESETS = {
             "`bench_gpu.py table OUT`.", Suite()),
     "run-tiny": ("The suite's code on the tiny models, on a CPU (~1 min): what cannot run on a CPU is "
                  "skipped.",
-                 Suite(model="tiny", sdxl_model="tiny-sdxl", device="cpu", dtype="float32",
+                 Suite(model="tiny", sdxl_model="tiny-sdxl", flow_model="tiny-sd3", device="cpu", dtype="float32",
+                       # tiny SD3 at its native 32 px, T5 length 32, 4 steps
+                       grpo_args=("--sample.resolution", "0", "--sample.max-sequence-length", "0",
+                                  "--sample.num-steps", "4", "--sample.sde-window", "0", "4"),
                        out="bench-gpu-tiny.jsonl", budget_s=600, estimate_scale=0.0, burn_in=0, iters=1,
                        num_steps=5,  # 5 steps: t = 801 is one DiffExp step, so the guidance skipping runs
                        sweep_batches=(2, 4), sweep_steps=2, compile_backend="eager", alignprop_batch=1,
@@ -243,7 +250,7 @@ def header_line(h: dict) -> str:
     s = h.get("suite", {})
     return (f"**{card}**, driver {h.get('driver') or 'n/a'}, CUDA {h.get('cuda') or 'n/a'}, {h['date']}; "
             f"torch {h['torch']}, diffusers {h['diffusers']}, transformers {h['transformers']}; "
-            f"models {s.get('model')} / {s.get('sdxl_model')}, {s.get('dtype')}, "
+            f"models {s.get('model')} / {s.get('sdxl_model')} / {s.get('flow_model', '-')}, {s.get('dtype')}, "
             f"budget {s.get('budget_s', 0):.0f} s.")
 
 

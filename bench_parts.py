@@ -4,7 +4,8 @@ bench_gpu.py): each part measures through bench.py's set-up and stages and write
 Run.emit, keeping to the run's budget with Run.late. PARTS maps a part's name to its function, which
 bench_gpu.run_suite calls in priority order (PART_SECONDS's), each under its estimate.
 
-The parts, in priority order: the sampling MFU sweep on SD v1.5 (batch sizes, channels_last, SDPA
+The parts, in priority order: GRPO on the SD3.5 Medium architecture (train_grpo's sd35m-pickscore preset,
+shrunk: rollout images/s, training transitions/s, peak memory; goal 80 GiB), the sampling MFU sweep on SD v1.5 (batch sizes, channels_last, SDPA
 backends, torch.compile; goal 50% MFU), DiffExp's guidance schedule against fixed CFG, the DDPO update
 at the sd15-aesthetic preset's defaults with first_ratio_err (goal: at most the PPO clip range),
 AlignProp with gradients through all steps at batch 4 (goal: 24 GiB), SDXL's stages and one shrunk epoch
@@ -16,6 +17,7 @@ targets "bench_parts.compile_child" and "bench_parts.trainer_child"), which the 
 import dataclasses
 import importlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -42,6 +44,11 @@ if TYPE_CHECKING:  # the parts' argument; bench_gpu.py imports this file, not th
 #
 # Estimates on one H200, bf16, from docs/benchmarks.md (sampling batch 8 x 50 steps 3.7 s, compiled
 # 2.4 s; a DDPO update 6.3 s; AlignProp K = all 13 s per step at batch 2), in seconds:
+#   grpo           130  two shrunk epochs of train_grpo's sd35m-pickscore in a child (not yet measured on a
+#                       GPU; from FLOPs): start-up and drawing SD3.5 Medium's 7.9 B random weights on the
+#                       card ~30; per epoch one group of 24 rollouts of 10 steps at 512 px (~13 TFLOP per
+#                       guided image-step: ~8 s at 40% MFU) and its training pass (240 transitions, each a
+#                       guided forward and backward and the LoRA-off reference forward: ~4x, ~35 s)
 #   sweep          135  SD v1.5 set-up 15; the denoising loop (10 steps, no decode) at batch 8 / 16 / 32
 #                       (~1, 2, 3 s a call at 25% MFU), then channels_last and the SDPA backends at the best
 #                       batch, 3 calls each and a FLOP count (~50); torch.compile (default mode) of the best
@@ -65,14 +72,15 @@ if TYPE_CHECKING:  # the parts' argument; bench_gpu.py imports this file, not th
 # The must-haves (all but the last two) come to ~400 s; the default budget is 510 s, so compile-modes runs
 # its first mode, and the run ends by ~520 s with Python's start-up.
 
-Part = Literal["sweep", "diffexp", "ddpo", "alignprop", "sdxl", "sdxl-train", "compile-modes", "trl"]
-PART_SECONDS = {"sweep": 135, "diffexp": 25, "ddpo": 50, "alignprop": 40, "sdxl": 70, "sdxl-train": 80,
+Part = Literal["grpo", "sweep", "diffexp", "ddpo", "alignprop", "sdxl", "sdxl-train", "compile-modes", "trl"]
+PART_SECONDS = {"grpo": 130, "sweep": 135, "diffexp": 25, "ddpo": 50, "alignprop": 40, "sdxl": 70, "sdxl-train": 80,
                 "compile-modes": 90, "trl": 130}
 # the seconds that must be left to start a compiled configuration, by mode
 COMPILE_SECONDS = {"default": 75, "reduce-overhead": 90, "max-autotune-no-cudagraphs": 60}
 MFU_GOAL = 0.5
 ALIGNPROP_MEMORY_GOAL_GIB = 24  # K = all at batch 4 must fit a 24 GB card
 SDXL_MEMORY_GOAL_GIB = 80  # the SDXL presets are sized for one 80 GB GPU
+GRPO_MEMORY_GOAL_GIB = 80  # so is train_grpo's sd35m-pickscore
 
 
 # -----------------------------------------------------------------------------
@@ -408,15 +416,24 @@ def part_sdxl(run: "Run"):
 
 
 def trainer_child(d: dict) -> dict:
-    """Runs train_ddpo / train_alignprop with d["args"], in a child process, and returns its peak memory.
-    The trainer is handed bench.load_models as its loader: the random architectures' weights are then drawn
-    on the device, which changes the set-up's time only."""
+    """Runs train_ddpo / train_alignprop / train_grpo with d["args"], in a child process, and returns its
+    peak memory. The trainer is handed bench.load_models as its loader: the random architectures' weights
+    are then drawn on the device, which changes the set-up's time only. d["after_load"]: the CUDA peak is
+    reset once the models are loaded (it then counts the weights, not their float32 draw)."""
     trainer = importlib.import_module(d["trainer"])
-    trainer.main(trainer.cli(d["args"]), load_models=load_models)
+    after_load = d.get("after_load") and torch.cuda.is_available()
+    since = "after the models were loaded (weights included)" if after_load else "over the run"
+
+    def loader(*args, **kw):
+        models = load_models(*args, **kw)
+        if after_load:
+            torch.cuda.reset_peak_memory_stats()
+        return models
+    trainer.main(trainer.cli(d["args"]), load_models=loader)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return dict(peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20,
                     peak_reserved_mb=torch.cuda.max_memory_reserved() / 2**20,
-                    memory_method="torch.cuda.max_memory_allocated over the run")
+                    memory_method=f"torch.cuda.max_memory_allocated {since}")
     return dict(peak_mem_mb=rss_mb("VmHWM"), peak_reserved_mb=None, memory_method="peak RSS of the process")
 
 
@@ -458,6 +475,51 @@ def part_sdxl_train(run: "Run"):
                      goal=f"<= {clip:g} (the PPO clip range)", met=m["first_ratio_err"] <= clip)
 
 
+# ---- part: GRPO on SD3.5 Medium (random weights): two shrunk epochs of train_grpo's preset, in a child
+
+
+def part_grpo(run: "Run"):
+    """train_grpo.py sd35m-pickscore at its own batch sizes (a group of 24 rollouts of 10 steps at 512 px,
+    training micro-batches of 8 over all 10 steps, LoRA rank 32, the KL's reference pass), shrunk to one
+    group per epoch; two epochs, the second one measured (the first warms kernels and the allocator):
+    rollout images/s, training transitions/s, peak memory, and the ratio's distance from 1 before the first
+    optimizer step against the PPO clip range."""
+    s, part = run.suite, "grpo"
+    name = f"grpo: train_grpo sd35m-pickscore on {s.flow_model}, one group per epoch"
+    if run.late(part, name):
+        return
+    args = ["sd35m-pickscore", "--model", s.flow_model, "--device", s.device, "--dtype", s.dtype,
+            "--num-epochs", "2", "--sample.num-batches", "1", "--train.updates-per-epoch", "1",
+            "--reward.tiny", "--eval.every", "0", *s.grpo_args]
+    with tempfile.TemporaryDirectory(prefix="bench_suite_") as tmp:
+        payload = dict(name=name, trainer="train_grpo", args=args + ["--run-dir", tmp], after_load=True)
+        try:
+            peak = child("bench_parts.trainer_child", payload, timeout=max(run.left(), 1))
+        except subprocess.TimeoutExpired:
+            run.emit(part, name, status="error", error="stopped at the budget's deadline")
+            return
+        first, m = read_metrics(os.path.join(tmp, "metrics.jsonl"))[-2:]
+        with open(os.path.join(tmp, "config.json")) as f:
+            cfg = json.load(f)  # what the trainer ran: the preset with the flags above
+    sample = cfg["sample"]
+    n = sample["group_size"] * sample["prompts_per_batch"] * sample["num_batches"]
+    trained = sample["sde_window"][1] - sample["sde_window"][0]
+    note = (f"{n} rollouts of {sample['num_steps']} steps, micro-batches of {cfg['train']['batch_size']}; "
+            "reward: the tiny random PickScore (no hub weights offline); the second epoch's times")
+    mem, goal = peak["peak_mem_mb"], f"peak <= {GRPO_MEMORY_GOAL_GIB} GiB"
+    met = mem <= GRPO_MEMORY_GOAL_GIB * 1024 if run.cuda else None
+    extra = dict(peak_mem_mb=mem, peak_reserved_mb=peak["peak_reserved_mb"], memory_method=peak["memory_method"],
+                 resolution=sample["resolution"] or "native", note=note, first_epoch_s=first["s_sample"] + first["s_train"])
+    run.emit(part, f"{name}: rollouts (SDE, guided, decoded)", n / m["s_sample"], "images/s",
+             seconds=m["s_sample"], goal=goal, met=met, **extra)
+    run.emit(part, f"{name}: training ({trained} steps each, KL reference pass)", n * trained / m["s_train"],
+             "transitions/s", seconds=m["s_train"], goal=goal, met=met, **extra)
+    clip = cfg["train"]["clip_range"]
+    err = max(first["first_ratio_err"], m["first_ratio_err"])  # each before its epoch's first update
+    run.emit(part, f"{name}: first_ratio_err", err, "|ratio - 1|", goal=f"<= {clip:g} (the PPO clip range)",
+             met=err <= clip)
+
+
 # ---- part: trl 0.23.1, if installed
 
 
@@ -484,6 +546,6 @@ def part_trl(run: "Run"):
                  sample_ratio_vs_trl=r["sample_ratio_vs_trl"], trl=r["trl"])
 
 
-PARTS = {"sweep": part_sweep, "diffexp": part_diffexp, "ddpo": part_ddpo, "alignprop": part_alignprop,
+PARTS = {"grpo": part_grpo, "sweep": part_sweep, "diffexp": part_diffexp, "ddpo": part_ddpo, "alignprop": part_alignprop,
          "sdxl": part_sdxl, "sdxl-train": part_sdxl_train, "compile-modes": part_compile_modes,
          "trl": part_trl}

@@ -22,7 +22,8 @@ import diffusion
 from common import ConfigError
 
 SD35M_HUB_ID = "stabilityai/stable-diffusion-3.5-medium"
-FLOW_MODEL_NAMES = ("tiny-sd3", "sd35m")  # or a local diffusers folder of an SD3 / SD3.5 model
+# or a local diffusers folder of an SD3 / SD3.5 model
+FLOW_MODEL_NAMES = ("tiny-sd3", "sd35m", "sd35m-random")
 CLIP_LENGTH = 77  # both CLIP encoders' context
 # Tiny: SD3's architecture, small enough for a 2-core CPU (latents 4x16x16, images 32x32). The two CLIP
 # encoders' penultimate states (32 + 32) are zero-padded to T5's width (32) as SD3 pads 768 + 1280 to 4096;
@@ -35,6 +36,23 @@ TINY_CLIP = dict(diffusion.TINY_TEXT, hidden_act="gelu")
 TINY_T5 = dict(vocab_size=49408, d_model=64, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
                feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
 TINY_T5_LENGTH = 32  # the tiny model's T5 context (SD3.5: 256)
+# Full-size SD3.5 Medium architecture (for speed / memory measurements with random weights, no download):
+# the MMDiT-X transformer (24 joint blocks of 24 heads x 64, the first 13 with the second, image-only
+# attention, RMS-normed queries and keys; 2.24 B parameters as built), SD3's 16-channel VAE and its three
+# text encoders: CLIP ViT-L's text tower (diffusion.SD15_TEXT), OpenCLIP ViT-bigG's (diffusion.SDXL_TEXT_2),
+# both with projections (768 + 1280 = the pooled 2048), and T5-v1.1-XXL's encoder (4.8 B; d_model 4096 = the
+# joint attention width). Offline, CLIP's BPE stands in for T5's SentencePiece tokenizer here too, so the
+# random T5's vocabulary is CLIP's 49,408 instead of 32,128 (69 M more embedding parameters, off the hot
+# path: each prompt is encoded once).
+SD35M_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD35M_VAE = dict(diffusion.SD15_VAE, latent_channels=16, sample_size=1024, scaling_factor=1.5305,
+                 shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+SD35M_T5 = dict(vocab_size=49408, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+                feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+SD35M_T5_LENGTH = 256
 SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)  # SD3 / SD3.5's FlowMatchEulerDiscreteScheduler
 # LoRA on the MMDiT's joint attention: the image stream's projections and the text (context) stream's, as
 # Flow-GRPO trains SD3.5; saved under the "transformer." prefix that StableDiffusion3Pipeline.load_lora_weights reads
@@ -66,22 +84,24 @@ class FlowModels:
         return (c, s, s)
 
 
-def _tiny(seed: int) -> FlowModels:
-    """The tiny model with seeded random weights; CLIP's real BPE tokenizer (offline) also stands in for
-    T5's SentencePiece tokenizer, which is not available offline (the architecture is T5's)."""
+def _random(name: str, transformer_cfg, vae_cfg, clip_l_cfg, clip_g_cfg, t5_cfg, t5_length: int,
+            seed: int) -> FlowModels:
+    """The architectures from configs with seeded random weights, touching no global RNG; CLIP's real BPE
+    tokenizer (offline) also stands in for T5's SentencePiece tokenizer, which is not available offline
+    (the architecture is T5's)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = SD3Transformer2DModel(**TINY_TRANSFORMER)
-        vae = AutoencoderKL(**TINY_VAE)
-        encoders = (CLIPTextModelWithProjection(CLIPTextConfig(**TINY_CLIP)),
-                    CLIPTextModelWithProjection(CLIPTextConfig(**TINY_CLIP)), T5EncoderModel(T5Config(**TINY_T5)))
+        transformer = SD3Transformer2DModel(**transformer_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        encoders = (CLIPTextModelWithProjection(CLIPTextConfig(**clip_l_cfg)),
+                    CLIPTextModelWithProjection(CLIPTextConfig(**clip_g_cfg)), T5EncoderModel(T5Config(**t5_cfg)))
     tokenizers = (diffusion.build_clip_tokenizer(), diffusion.build_clip_tokenizer(pad_token="!"),
                   diffusion.build_clip_tokenizer())
-    tokenizers[2].model_max_length = TINY_T5_LENGTH
+    tokenizers[2].model_max_length = t5_length
     return FlowModels(transformer, vae, encoders, tokenizers, FlowMatchEulerDiscreteScheduler(**SCHEDULER),
-                      "tiny-sd3", TINY_T5_LENGTH)
+                      name, t5_length)
 
 
 def _pretrained(source: str) -> FlowModels:
@@ -116,10 +136,13 @@ def is_flow_model(name: str) -> bool:
 
 
 def load_flow_models(name: str = "tiny-sd3", device="cpu", dtype=torch.float32, seed: int = 0) -> FlowModels:
-    """name: 'tiny-sd3' (offline, random), 'sd35m' (SD3.5 Medium from the hub), a local diffusers folder or a
-    hub id. Frozen weights on `device` in `dtype`, eval mode, requires_grad False (the VAE stays float32)."""
+    """name: 'tiny-sd3' (offline, random), 'sd35m' (SD3.5 Medium from the hub), 'sd35m-random' (its full-size
+    architecture with random weights, no download), a local diffusers folder or a hub id. Frozen weights on `device` in `dtype`, eval mode, requires_grad False (the VAE stays float32)."""
     if name == "tiny-sd3":
-        models = _tiny(seed)
+        models = _random(name, TINY_TRANSFORMER, TINY_VAE, TINY_CLIP, TINY_CLIP, TINY_T5, TINY_T5_LENGTH, seed)
+    elif name == "sd35m-random":
+        models = _random(name, SD35M_TRANSFORMER, SD35M_VAE, diffusion.SD15_TEXT, diffusion.SDXL_TEXT_2,
+                         SD35M_T5, SD35M_T5_LENGTH, seed)
     elif name == "sd35m":
         models = _pretrained(SD35M_HUB_ID)
     elif os.path.isdir(name) or (name.count("/") == 1 and not name.startswith((".", "/"))):

@@ -140,7 +140,7 @@ def test_gpu_suite_runs_every_part_on_the_tiny_models(tmp_path):
     assert (fixed["unet_rows"], diffexp["unet_rows"]) == (2 * 8 * 5, 2 * 8 * 5 - 8)  # t = 801: cond rows only
     assert diffexp["goal"] == "faster than fixed CFG" and diffexp["speedup_vs_fixed"] > 0
     ratios = [r for r in rows if "first_ratio_err" in r["name"]]
-    assert len(ratios) == 3 and all(0 <= r["value"] <= 1e-4 and r["met"] for r in ratios)  # float32: re-scoring is on-policy
+    assert len(ratios) == 4 and all(0 <= r["value"] <= 1e-4 and r["met"] for r in ratios)  # float32: re-scoring is on-policy
     updates = [r for r in rows if r["name"].startswith("ddpo update")]
     assert [r["timesteps_per_forward"] for r in updates] == [1, 2] and all(r["flops"] > 0 for r in updates)
     k_all = next(r for r in rows if r["name"].startswith("alignprop K=all"))
@@ -151,6 +151,11 @@ def test_gpu_suite_runs_every_part_on_the_tiny_models(tmp_path):
     assert [r["name"].split(",")[0] for r in rows if r["part"] == "sdxl"] == ["sdxl: sample", "sdxl: ddpo update tpf=1",
                                                                               "sdxl: alignprop K=1"]
     assert by_name["trl 0.23.1 comparison (bench_trl.py)"]["status"] in ("ok", "skipped")
+    # GRPO on tiny SD3 (run-tiny: 4 steps, all trained): one group of sd35m-pickscore's 24 per epoch
+    rollouts, training = [r for r in rows if r["part"] == "grpo" and r["unit"] in ("images/s", "transitions/s")]
+    assert rollouts["value"] == pytest.approx(24 / rollouts["seconds"])
+    assert training["value"] == pytest.approx(24 * 4 / training["seconds"])
+    assert rollouts["peak_mem_mb"] > 0 and rollouts["goal"] == "peak <= 80 GiB" and rollouts["met"] is None
 
     text = bench_gpu.render(records)
     lines = text.splitlines()
@@ -253,16 +258,18 @@ def test_load_models_draws_in_a_device_context_with_the_scheduler_on_the_host(ti
 def test_trainer_child_hands_the_trainer_its_loader(monkeypatch):
     """A trainer whose main takes a loader gets bench.load_models (random weights drawn on the device);
     nothing of diffusion is replaced. On a CPU the peak memory is the process's peak RSS."""
-    seen = {}
+    seen, calls = {}, []
 
     def main(cfg, load_models=diffusion.load_models):
-        seen.update(cfg=cfg, loader=load_models)
+        seen.update(cfg=cfg, models=load_models("tiny", device="cpu"))
     trainer = types.ModuleType("a_trainer")
     trainer.cli, trainer.main = (lambda args: tuple(args)), main
     monkeypatch.setitem(sys.modules, "a_trainer", trainer)
+    monkeypatch.setattr(bench_parts, "load_models", lambda *a, **kw: calls.append((a, kw)) or "models")
     loader = diffusion.load_models
-    peak = bench_parts.trainer_child(dict(trainer="a_trainer", args=["--flag"]))
-    assert seen == dict(cfg=("--flag",), loader=bench.load_models) and diffusion.load_models is loader
+    peak = bench_parts.trainer_child(dict(trainer="a_trainer", args=["--flag"], after_load=True))
+    assert seen == dict(cfg=("--flag",), models="models") and calls == [(("tiny",), {"device": "cpu"})]
+    assert diffusion.load_models is loader
     assert peak["peak_mem_mb"] > 0 and peak["memory_method"] == "peak RSS of the process"
 
 

@@ -163,3 +163,27 @@ def test_resolution_sets_the_latent_and_image_size(sd3):
     traj = flow.sample(models, cond, pooled, *flow.encode_text(models, [""]), torch.full((1, 2), 3.0), 2,
                        torch.Generator().manual_seed(0))
     assert traj.images.shape == (1, 3, 64, 64)
+
+
+def test_sd35m_random_architecture_fits_together():
+    """sd35m-random, built without weights (meta device: no 32 GB draw): the three encoders' widths are what
+    the transformer reads (CLIP-L + CLIP-G pooled = its pooled projection, T5's width = its joint attention),
+    the VAE's latents are its channels, the second attention sits in the first 13 blocks only, and the sizes
+    are SD3.5 Medium's (a 2.2 B transformer, 24 blocks of 1536)."""
+    import diffusion
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**flow.SD35M_TRANSFORMER)
+        vae = AutoencoderKL(**flow.SD35M_VAE)
+        clip_l, clip_g = (CLIPTextModelWithProjection(CLIPTextConfig(**c))
+                          for c in (diffusion.SD15_TEXT, diffusion.SDXL_TEXT_2))
+        t5 = T5EncoderModel(T5Config(**flow.SD35M_T5))
+    c = transformer.config
+    assert clip_l.config.projection_dim + clip_g.config.projection_dim == c.pooled_projection_dim == 2048
+    assert clip_l.config.hidden_size + clip_g.config.hidden_size <= t5.config.d_model == c.joint_attention_dim
+    assert vae.config.latent_channels == c.in_channels == c.out_channels == 16
+    assert [b.attn2 is not None for b in transformer.transformer_blocks] == [i < 13 for i in range(24)]
+    assert c.num_attention_heads * c.attention_head_dim == 1536
+    assert 2.2e9 < sum(p.numel() for p in transformer.parameters()) < 2.3e9
+    assert flow.is_flow_model("sd35m-random")
