@@ -1,9 +1,10 @@
 """
-When does DiffExp help? The premise study (experiments.md, section 8), as pre-registered there: both trainers on
-the toy world's sparsity dial (toy.py; the premise measured before any training in section 7), DiffExp against
-the baseline at each level, the two strategies alone and AlignProp with random truncation at the sparse end.
+When does DiffExp help? The premise study (experiments.md, section 8), as pre-registered there: DDPO and AlignProp
+on the toy world's sparsity dial (toy.py; the premise measured before any training in section 7), DiffExp against
+the baseline at each level, the two strategies alone and AlignProp with random truncation at the sparse end (8.1);
+GRPO, DiffExp against the baseline at the dial's two ends (8.3).
 
-    python experiments/premise_study.py pilot      # the pilot (seeds the study does not use): sets the budgets
+    python experiments/premise_study.py pilot      # the pilots (seeds the study does not use): set the budgets
     python experiments/premise_study.py run        # every study run, two at a time on one thread each (resumable)
     python experiments/premise_study.py run --only ddpo-sparse
     python experiments/premise_study.py analyse    # tables (markdown) and the figure, on the seeds every arm finished
@@ -26,16 +27,19 @@ import toy_study  # noqa: E402  (running runs two at a time, final-policy statis
 
 OUT = os.path.join(ROOT, "runs", "premise-study")
 SUCCESS = "toy-dial-success"
-TRAINERS = ("ddpo", "alignprop")
+TRAINERS = ("ddpo", "alignprop", "grpo")
 LEVELS = ("dense", "medium", "sparse")
-# the reward each trainer trains on at each level: DDPO's sparse end is the binary success itself
-REWARD = {(trainer, level): f"toy-dial-{level}" for trainer in TRAINERS for level in LEVELS} | {("ddpo", "sparse"): SUCCESS}
+# GRPO, the third trainer (experiments.md 8.3, pre-registered after 8.1 and before its own runs): the dial's ends
+LEVELS_OF = {"ddpo": LEVELS, "alignprop": LEVELS, "grpo": ("dense", "sparse")}
+# the reward each trainer trains on at each level: the policy-gradient trainers' sparse end is the binary success
+REWARD = ({(trainer, level): f"toy-dial-{level}" for trainer in TRAINERS for level in LEVELS}
+          | {("ddpo", "sparse"): SUCCESS, ("grpo", "sparse"): SUCCESS})
 # Budgets in epochs (the presets' epochs: DDPO 256 reward queries, AlignProp 16), divisible by 4 so that
 # exploration (progress = epoch / epochs < 3/4) lasts exactly 3/4 of the queries. Set from the pilot
 # (experiments.md 8.2) before any study run: the pilots' budgets (DDPO 2,048 queries, AlignProp 768).
-EPOCHS = {"ddpo": 8, "alignprop": 48}
-PILOT_EPOCHS = {"ddpo": 8, "alignprop": 48}
-EVAL_EVERY = {"ddpo": 1, "alignprop": 4}
+EPOCHS = {"ddpo": 8, "alignprop": 48, "grpo": 16}  # GRPO: from its pilot (experiments.md 8.3)
+PILOT_EPOCHS = {"ddpo": 8, "alignprop": 48, "grpo": 16}  # GRPO's toy preset: 128 queries per epoch
+EVAL_EVERY = {"ddpo": 1, "alignprop": 4, "grpo": 1}
 # every run: the plain policy on 96 samples per evaluation (12 prompts x 8 seeds), scored with the success
 # reward too (plain_toy-dial-success_mean), at each level
 COMMON = ["--eval.samples-per-prompt", "8", "--eval.rewards", SUCCESS]
@@ -43,7 +47,13 @@ ARMS = {"diffexp": [], "baseline": ["--no-diffexp"]}
 SPARSE_ARMS = {"cfg-only": ["--explore.no-prompt-weighting"], "weighting-only": ["--explore.no-cfg-schedule"]}
 RANDOM_K = ["--truncation", "uniform", "--k-min", "1", "--k-max", "10"]  # AlignProp's randomized truncation
 SEEDS = {"dense": tuple(range(20, 25)), "medium": tuple(range(20, 25)), "sparse": tuple(range(20, 30))}
+GRPO_SEEDS = tuple(range(20, 25))  # 5 per arm at both ends
+
+
+def seeds_of(trainer: str, level: str) -> tuple:
+    return GRPO_SEEDS if trainer == "grpo" else SEEDS[level]
 PILOT_SEED = 90
+LABEL = {"ddpo": "DDPO", "alignprop": "AlignProp", "grpo": "GRPO"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,7 @@ class Run:
 def arms(trainer: str, level: str) -> dict[str, list[str]]:
     """The arms of one trainer x level; the baseline last."""
     out = {"diffexp": ARMS["diffexp"]}
-    if level == "sparse":
+    if level == "sparse" and trainer != "grpo":
         out |= SPARSE_ARMS
         if trainer == "alignprop":
             out |= {"diffexp-random-k": RANDOM_K, "baseline-random-k": ["--no-diffexp", *RANDOM_K]}
@@ -85,7 +95,8 @@ def pilot_runs() -> list[Run]:
     """The baseline at every level and DiffExp at the sparse end, both trainers, one seed the study does not use."""
     runs = []
     for level, arm in [(level, "baseline") for level in LEVELS] + [("sparse", "diffexp")]:
-        runs += [Run("pilot", trainer, level, arm, PILOT_SEED, tuple(ARMS[arm])) for trainer in TRAINERS]
+        runs += [Run("pilot", trainer, level, arm, PILOT_SEED, tuple(ARMS[arm])) for trainer in TRAINERS
+                 if level in LEVELS_OF[trainer]]
     return runs
 
 
@@ -94,8 +105,8 @@ def study_runs() -> list[Run]:
     runs = []
     for seed in sorted(set(s for seeds in SEEDS.values() for s in seeds)):
         for trainer in TRAINERS:
-            for level in LEVELS:
-                if seed in SEEDS[level]:
+            for level in LEVELS_OF[trainer]:
+                if seed in seeds_of(trainer, level):
                     runs += [Run("study", trainer, level, arm, seed, tuple(flags))
                              for arm, flags in arms(trainer, level).items()]
     return runs
@@ -131,7 +142,7 @@ def analyse(phase: str = "study"):
     torch.set_num_threads(2)
     runs, results, out = (study_runs() if phase == "study" else pilot_runs()), {}, "" if phase == "study" else "pilot-"
     for trainer in TRAINERS:
-        for level in LEVELS:
+        for level in LEVELS_OF[trainer]:
             key, seeds = f"{trainer}-{level}", complete_seeds(trainer, level, runs)
             mine = [r for r in runs if (r.trainer, r.level) == (trainer, level)]
             if not seeds:
@@ -145,8 +156,10 @@ def analyse(phase: str = "study"):
                 extra = ["--threshold", str(SPARSE_THRESHOLD)] if level == "sparse" and "success" in metric else []
                 result[metric] = compare.main(["--groups", *groups, "--metric", metric, *extra, "--title", key,
                                                "--out", os.path.join(OUT, f"{out}{key}-{metric}.png")])
-            if trainer == "ddpo":
+            if trainer != "alignprop":
                 result["signal_share"] = {arm: mean_key(mine, arm, seeds, "signal_share") for arm in present}
+            if trainer == "grpo":  # 8.3: the rollouts' own reward (success rate at the sparse end), by mode
+                result["rollout_reward"] = {arm: mean_key(mine, arm, seeds, "reward_mean") for arm in present}
             result["final"] = {arm: final_stats([r for r in mine if r.arm == arm and r.seed in seeds]) for arm in present}
             results[key] = result
     with open(os.path.join(OUT, f"{out}analysis.json"), "w") as f:
@@ -161,7 +174,8 @@ def analyse(phase: str = "study"):
 
 
 def mean_key(runs: list[Run], arm: str, seeds: list[int], key: str) -> dict:
-    """Per run, the mean of `key` over the exploring epochs and over the rest (DDPO's advantage-signal share)."""
+    """Per run, the mean of `key` over the exploring epochs and over the rest (the advantage-signal share, the
+    rollouts' reward)."""
     import scaffold
     out = {"exploring": [], "plain": []}
     for r in runs:
@@ -207,14 +221,17 @@ def tables(results: dict) -> str:
                        f"| {auc} | {g['final_mean']:.3g} ± {g['final_std']:.2g} | {success['final_mean']:.3g} ± "
                        f"{success['final_std']:.2g} | {held['final_mean']:.3g} ± {held['final_std']:.2g} | " + " | ".join(cells) + " |")
         if "signal_share" in r:
-            out += ["", "DDPO's advantage-signal share (prompt groups whose rewards are not all equal), mean over seeds: "
+            out += ["", "The advantage-signal share (prompt groups whose rewards are not all equal), mean over seeds: "
                     + "; ".join(f"{arm} {share_text(v)}" for arm, v in r["signal_share"].items())]
+        if "rollout_reward" in r:
+            out += ["", "The rollouts' own mean reward (the success rate at the sparse end), mean over seeds: "
+                    + "; ".join(f"{arm} {share_text(v, '.3f')}" for arm, v in r["rollout_reward"].items())]
         out.append("")
     return "\n".join(out)
 
 
-def share_text(v: dict) -> str:
-    parts = [f"{mode} {sum(x) / len(x):.1%}" for mode, x in v.items() if x]
+def share_text(v: dict, fmt: str = ".1%") -> str:
+    parts = [f"{mode} {sum(x) / len(x):{fmt}}" for mode, x in v.items() if x]
     return ", ".join(parts) or "-"
 
 
@@ -224,16 +241,19 @@ def figure(results: dict, path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import compare
-    fig, axes = plt.subplots(len(TRAINERS), len(LEVELS), figsize=(13, 7), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(len(TRAINERS), len(LEVELS), figsize=(13, 3.5 * len(TRAINERS)), dpi=100, squeeze=False)
     for i, trainer in enumerate(TRAINERS):
         for j, level in enumerate(LEVELS):
             ax, key = axes[i][j], f"{trainer}-{level}"
             metric = primary_metric(level)
+            if level not in LEVELS_OF[trainer]:
+                ax.axis("off")
+                continue
             for arm, g in (results[key][metric]["groups"].items() if key in results else ()):
                 curves = compare.group_curves(g["runs"], metric, "none", 1)
                 ax.plot(curves["grid"], curves["mean"], label=f"{arm} ({len(g['runs'])})",
                         linewidth=2 if arm in ("diffexp", "baseline") else 1)
-            toy_study.finish_axes(ax, f"{'AlignProp' if trainer == 'alignprop' else 'DDPO'}, {level}",
+            toy_study.finish_axes(ax, f"{LABEL[trainer]}, {level}",
                                   "plain policy's success rate" if level == "sparse" else "plain policy's reward")
     fig.tight_layout()
     fig.savefig(path)
@@ -256,12 +276,12 @@ def speedup_figure(results: dict, path: str):
             g = r[primary_metric(level)]["groups"]["diffexp"] if r else None
             if g is None or g.get("speedup_paired") is None:
                 continue
-            xs.append(j + 0.06 * (k - 0.5))
+            xs.append(j + 0.06 * (k - (len(TRAINERS) - 1) / 2))
             ys.append(g["speedup_paired"])
             lo.append(g["speedup_paired"] - g["speedup_paired_ci95"][0])
             hi.append(g["speedup_paired_ci95"][1] - g["speedup_paired"])
             censored.append(r[primary_metric(level)]["groups"]["baseline"]["not_reached"] > 0)
-        label = "AlignProp" if trainer == "alignprop" else "DDPO"
+        label = LABEL[trainer]
         line = ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
         ax.scatter([x for x, c in zip(xs, censored) if c], [y for y, c in zip(ys, censored) if c], s=80,
                    facecolors="white", edgecolors=line[0].get_color(), zorder=3)

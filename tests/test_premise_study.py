@@ -1,0 +1,48 @@
+"""The premise study's runs (experiments/premise_study.py, experiments.md 8) are the commands their
+pre-registration describes: every one parses with its trainer, trains on its level's reward for its
+budget, and explores for exactly 3/4 of its reward queries (none in the baselines)."""
+
+import importlib
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import explore  # noqa: E402
+import premise_study as ps  # noqa: E402
+
+
+def distinct_runs():
+    """One run per phase x trainer x level x arm (the seeds change only --seed and the folder)."""
+    seen = {}
+    for r in ps.pilot_runs() + ps.study_runs():
+        seen.setdefault((r.phase, r.trainer, r.level, r.arm), r)
+    return list(seen.values())
+
+
+def test_study_has_the_registered_arms_and_seeds():
+    runs = ps.study_runs()
+    assert len({r.name for r in runs}) == len(runs)
+    count = {t: sum(r.trainer == t for r in runs) for t in ps.TRAINERS}
+    # DDPO: 2 arms x 5 seeds x 2 levels + 4 arms x 10 seeds; AlignProp: 6 arms at the sparse end
+    assert count["ddpo"] == 2 * 5 * 2 + 4 * 10 and count["alignprop"] == 2 * 5 * 2 + 6 * 10
+    assert count["grpo"] == 2 * 5 * 2  # its own pre-registration (8.3): diffexp and baseline at the dial's ends
+    assert {r.seed for r in runs if r.trainer == "grpo"} <= set(range(20, 25))
+    assert ps.PILOT_SEED not in {r.seed for r in runs}
+
+
+@pytest.mark.parametrize("run", distinct_runs(), ids=lambda r: f"{r.phase}-{r.name}")
+def test_every_run_parses_and_explores_for_three_quarters(run):
+    trainer = importlib.import_module(f"train_{run.trainer}")
+    command = run.command()
+    assert command[1].endswith(f"train_{run.trainer}.py")
+    cfg = trainer.cli(command[2:])
+    epochs = (ps.PILOT_EPOCHS if run.phase == "pilot" else ps.EPOCHS)[run.trainer]
+    assert cfg.num_epochs == epochs and cfg.seed == run.seed and cfg.reward.name == ps.REWARD[run.trainer, run.level]
+    assert cfg.eval.rewards == (ps.SUCCESS,) and cfg.eval.samples_per_prompt == 8
+    k = explore.exploring_epochs(cfg.explore, cfg.num_epochs)
+    assert k == (0 if run.arm.startswith("baseline") else 3 * cfg.num_epochs // 4)
+    assert 4 * k == 3 * cfg.num_epochs or k == 0
+    assert cfg.explore.cfg_schedule == (run.arm != "weighting-only")
+    assert cfg.explore.prompt_weighting == (run.arm != "cfg-only")
