@@ -263,26 +263,34 @@ def figure(results: dict, path: str):
 def speedup_figure(results: dict, path: str):
     """The answer in one figure: DiffExp's paired speedup over the baseline (95% interval) at each level of
     the dial, one line per trainer; 1 = no difference. A level whose baseline never reached the threshold
-    shows a lower bound (an open marker)."""
+    shows a lower bound (an open marker); one where no run of either arm reached it, a cross at 1 (no
+    speedup can be measured there)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.lines
     import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for k, trainer in enumerate(TRAINERS):
-        xs, ys, lo, hi, censored = [], [], [], [], []
+        xs, ys, lo, hi, censored, neither = [], [], [], [], [], []
         for j, level in enumerate(LEVELS):
             r = results.get(f"{trainer}-{level}")
-            g = r[primary_metric(level)]["groups"]["diffexp"] if r else None
+            g = r[primary_metric(level)]["groups"].get("diffexp") if r else None
             if g is None or g.get("speedup_paired") is None:
                 continue
-            xs.append(j + 0.06 * (k - (len(TRAINERS) - 1) / 2))
+            x = j + 0.06 * (k - (len(TRAINERS) - 1) / 2)
+            groups = r[primary_metric(level)]["groups"]
+            if all(groups[arm]["not_reached"] == len(groups[arm]["runs"]) for arm in ("diffexp", "baseline")):
+                neither.append(x)
+                continue
+            xs.append(x)
             ys.append(g["speedup_paired"])
             lo.append(g["speedup_paired"] - g["speedup_paired_ci95"][0])
             hi.append(g["speedup_paired_ci95"][1] - g["speedup_paired"])
             censored.append(r[primary_metric(level)]["groups"]["baseline"]["not_reached"] > 0)
         label = LABEL[trainer]
         line = ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ax.scatter(neither, [1.0] * len(neither), marker="x", s=60, color=line[0].get_color(), zorder=3)
         ax.scatter([x for x, c in zip(xs, censored) if c], [y for y, c in zip(ys, censored) if c], s=80,
                    facecolors="white", edgecolors=line[0].get_color(), zorder=3)
     ax.axhline(1, color="gray", ls="--", lw=0.8)
@@ -294,7 +302,11 @@ def speedup_figure(results: dict, path: str):
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    handles = ax.get_legend_handles_labels()[0] + [
+        matplotlib.lines.Line2D([], [], ls="", marker="o", mfc="white", mec="gray", label="baseline censored: lower bound"),
+        matplotlib.lines.Line2D([], [], ls="", marker="x", color="gray", label="neither arm reached the threshold")]
+    ax.legend(handles=handles, fontsize=8)
+    ax.set_xlim(-0.3, len(LEVELS) - 0.7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
