@@ -86,7 +86,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = "grpo"
-    model: str = "sd35m"  # tiny-sd3 | sd35m | a local SD3 diffusers folder | a hub id
+    model: str = "sd35m"  # tiny-sd3 | sd35m | sd35m-random (random weights) | an SD3 folder | a hub id
     # animals | animal-activities | unseen-animals | drawbench[:Category,...] | file.txt
     prompts: str = "animals"
     num_epochs: int = 100
