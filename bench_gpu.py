@@ -59,7 +59,8 @@ class Suite:
     model: str = "sd15-random"  # the SD v1.5 parts' model
     sdxl_model: str = "sdxl-random"
     flow_model: str = "sd35m-random"  # the GRPO part's model
-    grpo_args: tuple[str, ...] = ()  # more train_grpo flags for the GRPO part (after sd35m-pickscore's)
+    # more train_grpo flags for the GRPO part, after sd35m-pickscore's: --grpo-args="--sample.resolution 256"
+    grpo_args: str = ""
     device: str = "cuda"
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     threads: int = 0  # CPU threads for torch (0: torch's default)
@@ -88,8 +89,8 @@ SUITE_PRESETS = {
                  "skipped.",
                  Suite(model="tiny", sdxl_model="tiny-sdxl", flow_model="tiny-sd3", device="cpu", dtype="float32",
                        # tiny SD3 at its native 32 px, T5 length 32, 4 steps
-                       grpo_args=("--sample.resolution", "0", "--sample.max-sequence-length", "0",
-                                  "--sample.num-steps", "4", "--sample.sde-window", "0", "4"),
+                       grpo_args="--sample.resolution 0 --sample.max-sequence-length 0 --sample.num-steps 4 "
+                                 "--sample.sde-window 0 4",
                        out="bench-gpu-tiny.jsonl", budget_s=600, estimate_scale=0.0, burn_in=0, iters=1,
                        num_steps=5,  # 5 steps: t = 801 is one DiffExp step, so the guidance skipping runs
                        sweep_batches=(2, 4), sweep_steps=2, compile_backend="eager", alignprop_batch=1,

@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -490,7 +491,7 @@ def part_grpo(run: "Run"):
         return
     args = ["sd35m-pickscore", "--model", s.flow_model, "--device", s.device, "--dtype", s.dtype,
             "--num-epochs", "2", "--sample.num-batches", "1", "--train.updates-per-epoch", "1",
-            "--reward.tiny", "--eval.every", "0", *s.grpo_args]
+            "--reward.tiny", "--eval.every", "0", *shlex.split(s.grpo_args)]
     with tempfile.TemporaryDirectory(prefix="bench_suite_") as tmp:
         payload = dict(name=name, trainer="train_grpo", args=args + ["--run-dir", tmp], after_load=True)
         try:
