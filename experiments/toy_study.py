@@ -107,13 +107,17 @@ def run_many(todo: list, out: str):
     print(f"{len(todo)} runs to do, two at a time", flush=True)
     start = time.time()
 
+    done = []
+
     def one(run):
         seconds = execute(run)
         times[run.name] = seconds
         with open(times_path + ".tmp", "w") as f:
             json.dump(times, f, indent=1)
         os.replace(times_path + ".tmp", times_path)
-        print(f"{time.strftime('%H:%M:%S')} done {run.name} in {seconds / 60:.1f} min", flush=True)
+        done.append(run.name)
+        print(f"{time.strftime('%H:%M:%S')} done {run.name} in {seconds / 60:.1f} min ({len(done)} of {len(todo)}; "
+              f"{(time.time() - start) / 3600:.2f} h so far)", flush=True)
     with ThreadPoolExecutor(2) as pool:
         for future in [pool.submit(one, r) for r in todo]:
             future.result()
