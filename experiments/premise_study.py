@@ -12,7 +12,8 @@ GRPO, DiffExp against the baseline at the dial's two ends (8.3).
     python experiments/premise_study.py list       # the runs and their commands, done or not
 
 Runs go to runs/premise-study/{pilot,study}/{trainer}-{level}-{arm}-s{seed}/, a log file beside each.
-`analyse` writes runs/premise-study/analysis.json, runs/premise-study/tables.md and docs/premise-study.png.
+`analyse` writes runs/premise-study/analysis.json, runs/premise-study/tables.md, a labelled grid of every arm's final
+plain policy per trainer x level (runs/premise-study/grid-*.png, the first seed) and docs/premise-study.png.
 """
 
 import json
@@ -161,6 +162,8 @@ def analyse(phase: str = "study"):
             if trainer == "grpo":  # 8.3: the rollouts' own reward (success rate at the sparse end), by mode
                 result["rollout_reward"] = {arm: mean_key(mine, arm, seeds, "reward_mean") for arm in present}
             result["final"] = {arm: final_stats([r for r in mine if r.arm == arm and r.seed in seeds]) for arm in present}
+            final_grid([r for arm in present for r in mine if r.arm == arm and r.seed == seeds[0]], level,
+                       os.path.join(OUT, f"{out}grid-{key}-s{seeds[0]}.png"))
             results[key] = result
     with open(os.path.join(OUT, f"{out}analysis.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
@@ -191,6 +194,23 @@ def mean_key(runs: list[Run], arm: str, seeds: list[int], key: str) -> dict:
 def final_stats(runs: list[Run]) -> dict:
     stats = [toy_study.final_policy_stats(r) for r in runs]
     return {k: [s[k] for s in stats] for k in stats[0]} if stats else {}
+
+
+def final_grid(runs: list[Run], level: str, path: str):
+    """The final plain policy of each run (the arms of one seed), one row each: every training prompt's first
+    sample (seed 1000, the final statistics' first), labelled with the level's primary reward."""
+    import torch
+    import plots
+    import rewards
+    name = SUCCESS if level == "sparse" else f"toy-dial-{level}"
+    reward = rewards.make_reward(name)
+    images, labels = [], []
+    for r in runs:
+        x, texts = toy_study.final_samples(r, per_prompt=1)
+        images.append(x)
+        labels += plots.grid_labels(texts, reward(x, texts), "success" if level == "sparse" else "r")
+    plots.save_grid(torch.cat(images), path, nrow=len(images[0]), labels=labels, row_labels=[r.arm for r in runs],
+                    title=f"{LABEL[runs[0].trainer]}, {level}, seed {runs[0].seed}: the final plain policy")
 
 
 def fmt_ci(value, ci) -> str:

@@ -134,16 +134,28 @@ def run_all(only: str = "", followup: bool = False):
 def final_policy_stats(run: Run, per_prompt: int = 8) -> dict:
     """The final policy's samples on the training prompts (fixed seeds, plain prompts, w_high): prompt
     fidelity, the spread of the unspecified attributes (collapse is hacking) and both toy rewards."""
-    import torch
     import scaffold
-    import diffusion
-    import evaluate
     import toy
     weights = os.path.join(scaffold.latest_checkpoint(run.folder), "pytorch_lora_weights.safetensors")
     cache = os.path.join(run.folder, "final_stats.json")  # computed once per final checkpoint
     cached = json.load(open(cache)) if os.path.isfile(cache) else {}
     if cached.get("weights") == weights:
         return cached["stats"]
+    stats = toy.describe(*final_samples(run, per_prompt))
+    with open(cache + ".tmp", "w") as f:
+        json.dump({"weights": weights, "stats": stats}, f)
+    os.replace(cache + ".tmp", cache)
+    return stats
+
+
+def final_samples(run: Run, per_prompt: int):
+    """The final policy's plain samples on the run's training prompts: seeds 1000.., plain prompts, its own
+    sampler and w_high. -> images (N, 3, H, W), their prompt texts (prompt-major)."""
+    import torch
+    import scaffold
+    import diffusion
+    import evaluate
+    weights = os.path.join(scaffold.latest_checkpoint(run.folder), "pytorch_lora_weights.safetensors")
     cfg = json.load(open(os.path.join(run.folder, "config.json")))
     models = diffusion.load_models(cfg["model"])
     prompts = diffusion.load_prompts(cfg["prompts"])
@@ -153,11 +165,7 @@ def final_policy_stats(run: Run, per_prompt: int = 8) -> dict:
                                                   cfg["sample"]["guidance_scale"], seed=1000, batch_size=48):
             images.append(batch)
             texts += [prompts[i].text for i in idx]
-    stats = toy.describe(torch.cat(images), texts)
-    with open(cache + ".tmp", "w") as f:
-        json.dump({"weights": weights, "stats": stats}, f)
-    os.replace(cache + ".tmp", cache)
-    return stats
+    return torch.cat(images), texts
 
 
 def complete_seeds(trainer: str, task: str, runs: list[Run] | None = None) -> list[int]:
