@@ -10,6 +10,7 @@ GRPO, DiffExp against the baseline at the dial's two ends (8.3).
     python experiments/premise_study.py analyse    # tables (markdown) and the figure, on the seeds every arm finished
     python experiments/premise_study.py analyse --pilot   # the same for the pilot's runs (runs/premise-study/pilot-*)
     python experiments/premise_study.py list       # the runs and their commands, done or not
+    python experiments/premise_study.py status     # per trainer x level: seeds complete, runs and hours left
 
 Runs go to runs/premise-study/{pilot,study}/{trainer}-{level}-{arm}-s{seed}/, a log file beside each.
 `analyse` writes runs/premise-study/analysis.json, runs/premise-study/tables.md, a labelled grid of every arm's final
@@ -111,6 +112,27 @@ def study_runs() -> list[Run]:
                     runs += [Run("study", trainer, level, arm, seed, tuple(flags))
                              for arm, flags in arms(trainer, level).items()]
     return runs
+
+
+def status():
+    """Per trainer x level: the seeds every arm has finished, and the runs left with the hours they need at
+    the median time of the trainer's finished runs, pilot and study (two at a time; a resumed run's time is
+    only its last part's)."""
+    runs, times = study_runs(), []
+    for phase in ("pilot", "run"):  # each finished run's seconds, pilot and study (run_many writes them)
+        path = os.path.join(OUT, phase, "times.json")
+        times += list(json.load(open(path)).items()) if os.path.isfile(path) else []
+    hours = 0.0
+    for trainer in TRAINERS:
+        took = sorted(v for k, v in times if k.startswith(trainer + "-"))
+        median = took[len(took) // 2] if took else 20 * 60
+        for level in LEVELS_OF[trainer]:
+            mine = [r for r in runs if (r.trainer, r.level) == (trainer, level)]
+            left = [r for r in mine if not toy_study.finished(r)]
+            hours += len(left) * median / 3600 / 2
+            print(f"{trainer}-{level}: seeds complete {complete_seeds(trainer, level, runs)} of "
+                  f"{list(seeds_of(trainer, level))}; {len(left)} of {len(mine)} runs left")
+    print(f"about {hours:.1f} h left, two at a time")
 
 
 # -----------------------------------------------------------------------------
@@ -344,5 +366,8 @@ if __name__ == "__main__":
     elif what == "list":
         for r in pilot_runs() + study_runs():
             print("done" if toy_study.finished(r) else "todo", " ".join(r.command()[1:]))
+    elif what == "status":
+        status()
     else:
-        raise SystemExit(f"usage: python {sys.argv[0]} pilot | run [--only TRAINER-LEVEL] | analyse [--pilot] | list")
+        raise SystemExit(f"usage: python {sys.argv[0]} pilot | run [--only TRAINER-LEVEL] | analyse [--pilot] | list "
+                         "| status")
