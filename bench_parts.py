@@ -5,9 +5,10 @@ Run.emit, keeping to the run's budget with Run.late. PARTS maps a part's name to
 bench_gpu.run_suite calls in priority order (PART_SECONDS's), each under its estimate.
 
 The parts, in priority order: GRPO on the SD3.5 Medium architecture (train_grpo's sd35m-pickscore preset,
-shrunk: rollout images/s, training transitions/s, peak memory; goal 80 GiB), the sampling MFU sweep on SD v1.5 (batch sizes, channels_last, SDPA
-backends, torch.compile; goal 50% MFU), DiffExp's guidance schedule against fixed CFG, the DDPO update
-at the sd15-aesthetic preset's defaults with first_ratio_err (goal: at most the PPO clip range),
+shrunk: rollout images/s, training transitions/s, peak memory; goal 80 GiB), the sampling MFU sweep on
+SD v1.5 (batch sizes, channels_last, SDPA backends, torch.compile; goal 50% MFU), DiffExp's guidance
+schedule against fixed CFG, the DDPO update at the sd15-aesthetic preset's defaults with first_ratio_err
+(goal: at most the PPO clip range),
 AlignProp with gradients through all steps at batch 4 (goal: 24 GiB), SDXL's stages and one shrunk epoch
 of each trainer's SDXL preset (goal: 80 GiB), the costlier torch.compile modes, and trl 0.23.1 through
 bench_trl.py when it is installed. Compilations and the trainers run in child processes (bench.child,
@@ -74,8 +75,8 @@ if TYPE_CHECKING:  # the parts' argument; bench_gpu.py imports this file, not th
 # its first mode, and the run ends by ~520 s with Python's start-up.
 
 Part = Literal["grpo", "sweep", "diffexp", "ddpo", "alignprop", "sdxl", "sdxl-train", "compile-modes", "trl"]
-PART_SECONDS = {"grpo": 130, "sweep": 135, "diffexp": 25, "ddpo": 50, "alignprop": 40, "sdxl": 70, "sdxl-train": 80,
-                "compile-modes": 90, "trl": 130}
+PART_SECONDS = {"grpo": 130, "sweep": 135, "diffexp": 25, "ddpo": 50, "alignprop": 40, "sdxl": 70,
+                "sdxl-train": 80, "compile-modes": 90, "trl": 130}
 # the seconds that must be left to start a compiled configuration, by mode
 COMPILE_SECONDS = {"default": 75, "reduce-overhead": 90, "max-autotune-no-cudagraphs": 60}
 MFU_GOAL = 0.5
@@ -486,9 +487,8 @@ def part_grpo(run: "Run"):
     rollout images/s, training transitions/s, peak memory, and the ratio's distance from 1 before the first
     optimizer step against the PPO clip range."""
     s, part = run.suite, "grpo"
+    # the runner checked the budget before this part
     name = f"grpo: train_grpo sd35m-pickscore on {s.flow_model}, one group per epoch"
-    if run.late(part, name):
-        return
     args = ["sd35m-pickscore", "--model", s.flow_model, "--device", s.device, "--dtype", s.dtype,
             "--num-epochs", "2", "--sample.num-batches", "1", "--train.updates-per-epoch", "1",
             "--reward.tiny", "--eval.every", "0", *shlex.split(s.grpo_args)]
@@ -510,7 +510,8 @@ def part_grpo(run: "Run"):
     mem, goal = peak["peak_mem_mb"], f"peak <= {GRPO_MEMORY_GOAL_GIB} GiB"
     met = mem <= GRPO_MEMORY_GOAL_GIB * 1024 if run.cuda else None
     extra = dict(peak_mem_mb=mem, peak_reserved_mb=peak["peak_reserved_mb"], memory_method=peak["memory_method"],
-                 resolution=sample["resolution"] or "native", note=note, first_epoch_s=first["s_sample"] + first["s_train"])
+                 resolution=sample["resolution"] or "native", note=note,
+                 first_epoch_s=first["s_sample"] + first["s_train"])
     run.emit(part, f"{name}: rollouts (SDE, guided, decoded)", n / m["s_sample"], "images/s",
              seconds=m["s_sample"], goal=goal, met=met, **extra)
     run.emit(part, f"{name}: training ({trained} steps each, KL reference pass)", n * trained / m["s_train"],
@@ -547,6 +548,6 @@ def part_trl(run: "Run"):
                  sample_ratio_vs_trl=r["sample_ratio_vs_trl"], trl=r["trl"])
 
 
-PARTS = {"grpo": part_grpo, "sweep": part_sweep, "diffexp": part_diffexp, "ddpo": part_ddpo, "alignprop": part_alignprop,
-         "sdxl": part_sdxl, "sdxl-train": part_sdxl_train, "compile-modes": part_compile_modes,
-         "trl": part_trl}
+PARTS = {"grpo": part_grpo, "sweep": part_sweep, "diffexp": part_diffexp, "ddpo": part_ddpo,
+         "alignprop": part_alignprop, "sdxl": part_sdxl, "sdxl-train": part_sdxl_train,
+         "compile-modes": part_compile_modes, "trl": part_trl}

@@ -22,8 +22,7 @@ import diffusion
 from common import ConfigError
 
 SD35M_HUB_ID = "stabilityai/stable-diffusion-3.5-medium"
-# or a local diffusers folder of an SD3 / SD3.5 model
-FLOW_MODEL_NAMES = ("tiny-sd3", "sd35m", "sd35m-random")
+FLOW_MODEL_NAMES = ("tiny-sd3", "sd35m", "sd35m-random")  # --model also takes an SD3 / SD3.5 folder or hub id
 CLIP_LENGTH = 77  # both CLIP encoders' context
 # Tiny: SD3's architecture, small enough for a 2-core CPU (latents 4x16x16, images 32x32). The two CLIP
 # encoders' penultimate states (32 + 32) are zero-padded to T5's width (32) as SD3 pads 768 + 1280 to 4096;
@@ -126,8 +125,8 @@ def _pretrained(source: str) -> FlowModels:
 
 
 def is_flow_model(name: str) -> bool:
-    """Whether --model names a flow-matching model: tiny-sd3, sd35m, a folder with transformer/, or a hub id of
-    Stable Diffusion 3 (the other names are diffusion.py's)."""
+    """Whether --model names a flow-matching model: one of FLOW_MODEL_NAMES, a folder with transformer/, or a
+    hub id of Stable Diffusion 3 (the other names are diffusion.py's)."""
     if name in FLOW_MODEL_NAMES:
         return True
     if os.path.isdir(name):
@@ -137,7 +136,8 @@ def is_flow_model(name: str) -> bool:
 
 def load_flow_models(name: str = "tiny-sd3", device="cpu", dtype=torch.float32, seed: int = 0) -> FlowModels:
     """name: 'tiny-sd3' (offline, random), 'sd35m' (SD3.5 Medium from the hub), 'sd35m-random' (its full-size
-    architecture with random weights, no download), a local diffusers folder or a hub id. Frozen weights on `device` in `dtype`, eval mode, requires_grad False (the VAE stays float32)."""
+    architecture with random weights, no download), a local diffusers folder or a hub id. Frozen weights on
+    `device` in `dtype`, eval mode, requires_grad False (the VAE stays float32)."""
     if name == "tiny-sd3":
         models = _random(name, TINY_TRANSFORMER, TINY_VAE, TINY_CLIP, TINY_CLIP, TINY_T5, TINY_T5_LENGTH, seed)
     elif name == "sd35m-random":

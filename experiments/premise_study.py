@@ -345,7 +345,8 @@ def speedup_figure(results: dict, path: str):
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3)
     handles = ax.get_legend_handles_labels()[0] + [
-        matplotlib.lines.Line2D([], [], ls="", marker="o", mfc="white", mec="gray", label="baseline censored: lower bound"),
+        matplotlib.lines.Line2D([], [], ls="", marker="o", mfc="white", mec="gray",
+                                label="baseline censored: lower bound"),
         matplotlib.lines.Line2D([], [], ls="", marker="x", color="gray", label="neither arm reached the threshold")]
     ax.legend(handles=handles, fontsize=8)
     ax.set_xlim(-0.3, len(LEVELS) - 0.7)
