@@ -168,8 +168,9 @@ def analyse(phase: str = "study"):
         for level in LEVELS_OF[trainer]:
             key, seeds = f"{trainer}-{level}", complete_seeds(trainer, level, runs)
             mine = [r for r in runs if (r.trainer, r.level) == (trainer, level)]
-            if not seeds:
-                print(f"{key}: no seed has finished every arm yet; left out")
+            if not seeds or (phase == "study" and seeds != list(seeds_of(trainer, level))):
+                # the reading rule: a trainer x level is read once every arm has finished every registered seed
+                print(f"{key}: {len(seeds)} of {len(seeds_of(trainer, level))} seeds finished by every arm; left out")
                 continue
             present = [arm for arm in arms(trainer, level) if any(r.arm == arm for r in mine)]
             groups = [group_spec(mine, arm, seeds) for arm in present]
@@ -193,9 +194,13 @@ def analyse(phase: str = "study"):
     with open(os.path.join(OUT, f"{out}tables.md"), "w") as f:
         f.write(text)
     print(text)
-    figure(results, os.path.join(ROOT, "docs", "premise-study.png") if phase == "study" else os.path.join(OUT, "pilot.png"))
-    if phase == "study":
-        speedup_figure(results, os.path.join(ROOT, "docs", "premise-speedup.png"))
+    if phase == "pilot":
+        figure(results, os.path.join(OUT, "pilot.png"))
+        return
+    # the README's figures once every trainer x level is read; until then beside the tables
+    where = os.path.join(ROOT, "docs") if len(results) == sum(map(len, LEVELS_OF.values())) else OUT
+    figure(results, os.path.join(where, "premise-study.png"))
+    speedup_figure(results, os.path.join(where, "premise-speedup.png"))
 
 
 def mean_key(runs: list[Run], arm: str, seeds: list[int], key: str) -> dict:

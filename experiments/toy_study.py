@@ -292,12 +292,15 @@ def figure(path: str):
 
 
 def finish_axes(ax, title: str, ylabel: str):
-    """One panel of a study figure: its title, the query axis, grid and legend."""
+    """One panel of a study figure: its title, the query axis, grid and legend (a panel not read yet says so)."""
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("reward queries")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "not read yet", transform=ax.transAxes, ha="center", va="center", color="gray")
 
 
 if __name__ == "__main__":

@@ -46,3 +46,20 @@ def test_every_run_parses_and_explores_for_three_quarters(run):
     assert 4 * k == 3 * cfg.num_epochs or k == 0
     assert cfg.explore.cfg_schedule == (run.arm != "weighting-only")
     assert cfg.explore.prompt_weighting == (run.arm != "cfg-only")
+
+
+def test_analyse_reads_no_trainer_and_level_before_every_seed_is_finished(tmp_path, monkeypatch, capsys):
+    """The reading rule in code: with every arm finished at the first seed only, every trainer x level is left
+    out, nothing is compared, and the README's figures are not written."""
+    monkeypatch.setattr(ps, "OUT", str(tmp_path / "out"))
+    monkeypatch.setattr(ps, "ROOT", str(tmp_path))
+    os.makedirs(tmp_path / "out")
+    monkeypatch.setattr(ps.toy_study, "finished", lambda r: r.seed == 20)
+    import compare
+    monkeypatch.setattr(compare, "main", lambda *a: pytest.fail("compared an unfinished trainer x level"))
+    ps.analyse()
+    printed = capsys.readouterr().out
+    for trainer in ps.TRAINERS:
+        for level in ps.LEVELS_OF[trainer]:
+            assert f"{trainer}-{level}: 1 of {len(ps.seeds_of(trainer, level))} seeds finished by every arm; left out" in printed
+    assert (tmp_path / "out" / "premise-speedup.png").is_file() and not (tmp_path / "docs").exists()
