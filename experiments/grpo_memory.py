@@ -6,10 +6,11 @@ measures the real peak).
 - weights: every model's parameters in the compute dtype (the VAE in float32, as flow.load_flow_models
   keeps it), and LoRA in float32 with its gradient and Adam's two moments;
 - activations: the tensors autograd keeps for the backward pass of one re-scored step of a micro-batch
-  (train_grpo.grpo_epoch; with CFG the transformer runs 2 x --train.batch-size rows), traced on fake
-  tensors (shapes and dtypes, no storage, no compute) under autocast in the compute dtype; each storage
-  counted once, the weights' own not again. Attention keeps q, k, v, its output and a float32 log-sum-exp,
-  as the flash / memory-efficient kernels a GPU picks do;
+  (train_grpo.grpo_epoch; with CFG the transformer runs 2 x --train.batch-size rows), traced on fake CUDA
+  tensors (shapes, dtypes and a device, no storage, no compute, no GPU) under CUDA's own autocast rules
+  (bf16 matmuls; layer norms, softmax, pow in float32), each storage counted once, the weights' own not
+  again. Attention keeps what flash attention keeps (q, k, v, its output and a float32 log-sum-exp): the
+  kernel a GPU picks for bf16 and heads of 64;
 - the rollout buffer: an epoch's latents (float32) and prompt states.
 
 Not counted: the reward model (PickScore's ViT-H/14: about 2 GB in bf16), the backward pass's transient
@@ -20,10 +21,12 @@ buffers, CUDA's workspaces and the allocator's fragmentation. The model name map
     python experiments/grpo_memory.py sd35m-pickscore --train.batch-size 4     # any train_grpo flag
 """
 
+import contextlib
 import os
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,7 +46,7 @@ ARCHITECTURES = {  # the configs flow.load_flow_models builds each model from
 
 
 def fake_models(name: str, dtype: torch.dtype) -> tuple[dict, FakeTensorMode]:
-    """{transformer, vae, text encoders, t5_length}: the architecture's modules with fake parameters in
+    """{transformer, vae, text encoders, t5_length}: the architecture's modules with fake CUDA parameters in
     `dtype`, and its default T5 length."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -54,7 +57,7 @@ def fake_models(name: str, dtype: torch.dtype) -> tuple[dict, FakeTensorMode]:
     mode, default = FakeTensorMode(allow_non_fake_inputs=True), torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with mode:  # frozen, as flow.load_flow_models leaves them: autograd keeps only what LoRA needs
+        with mode, torch.device("cuda"):  # frozen, as load_flow_models leaves them: autograd keeps what LoRA needs
             return {"transformer": SD3Transformer2DModel(**transformer).requires_grad_(False),
                     "vae": AutoencoderKL(**vae),
                     "text encoders": [CLIPTextModelWithProjection(CLIPTextConfig(**clip_l)),
@@ -68,9 +71,46 @@ def nbytes(module: torch.nn.Module, dtype=None) -> int:
     return sum(p.numel() * (dtype or p.dtype).itemsize for p in module.parameters())
 
 
-def saved_bytes(module: torch.nn.Module, inputs: dict, dtype: torch.dtype) -> int:
-    """Bytes of the distinct storages autograd saves for backward in module(**inputs) under autocast to
-    `dtype` (on the CPU), the module's own parameters and buffers left out."""
+class FlashAttention(torch.autograd.Function):
+    """Shapes only: the output, and for backward what flash attention keeps (q, k, v, output, log-sum-exp)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@contextlib.contextmanager
+def gpu_rules(dtype: torch.dtype):
+    """CUDA's autocast to `dtype` (off for float32) and flash attention, on fake CUDA tensors and without a GPU:
+    torch.autocast("cuda") declines where CUDA is not available; the dispatcher's own switch does not ask."""
+    attention = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: FlashAttention.apply(q, k, v)
+    on, before = dtype != torch.float32, torch.get_autocast_dtype("cuda")
+    if on:
+        torch.set_autocast_dtype("cuda", dtype)
+        torch.set_autocast_enabled("cuda", True)
+        torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = attention
+        if on:
+            torch.autocast_decrement_nesting()
+            torch.clear_autocast_cache()
+            torch.set_autocast_enabled("cuda", False)
+            torch.set_autocast_dtype("cuda", before)
+
+
+def saved_bytes(module: torch.nn.Module, inputs: dict, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the distinct storages autograd saves for backward in module(**inputs) under gpu_rules(dtype),
+    the module's own parameters and buffers left out."""
     seen = {t.untyped_storage()._cdata for t in (*module.parameters(), *module.buffers())}
     total = 0
 
@@ -81,8 +121,7 @@ def saved_bytes(module: torch.nn.Module, inputs: dict, dtype: torch.dtype) -> in
             seen.add(key)
             total += t.untyped_storage().nbytes()
         return t
-    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-          torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), gpu_rules(dtype):
         module(**inputs)
     return total
 
@@ -91,7 +130,7 @@ def estimate(cfg: train_grpo.Config, dtype: torch.dtype = torch.bfloat16) -> dic
     """-> GiB per part for cfg's micro-batch of one step, and the rows the transformer runs."""
     models, mode = fake_models(cfg.model, dtype)
     s, transformer = cfg.sample, models["transformer"]
-    with mode:
+    with mode, torch.device("cuda"):
         params = lora.inject(transformer, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha)
     rows = cfg.train.batch_size * (2 if s.guidance_scale != 1 else 1)
     c = transformer.config.in_channels
@@ -99,7 +138,7 @@ def estimate(cfg: train_grpo.Config, dtype: torch.dtype = torch.bfloat16) -> dic
             else transformer.config.sample_size)
     tokens = flow.CLIP_LENGTH + (s.max_sequence_length or models["t5_length"])
     width = transformer.config.joint_attention_dim
-    with mode:
+    with mode, torch.device("cuda"):
         inputs = dict(hidden_states=torch.empty(rows, c, side, side, dtype=dtype), timestep=torch.zeros(rows),
                       encoder_hidden_states=torch.empty(rows, tokens, width, dtype=dtype),
                       pooled_projections=torch.empty(rows, transformer.config.pooled_projection_dim,
