@@ -24,6 +24,7 @@ from scaffold import read_metrics
 FIELDS = ("name", "device", "dtype", "batch", "steps", "resolution", "value", "unit", "seconds")
 
 
+@pytest.mark.slow
 def test_tiny_bench_emits_one_json_line_per_measurement(tmp_path, capsys):
     out = tmp_path / "bench.jsonl"
     records = bench.main(bench.cli([
@@ -48,6 +49,7 @@ def test_tiny_bench_emits_one_json_line_per_measurement(tmp_path, capsys):
     assert alignprop["memory_mb"] >= alignprop["baseline_mb"] > 0 and alignprop["error"] is None
 
 
+@pytest.mark.slow
 def test_sdxl_architecture_runs_every_stage(tmp_path):
     """The sdxl-gpu preset's code path (two text encoders, packed conditioning, 1024 px on a GPU) on the
     tiny SDXL model: every stage measures, at the model's resolution, with FLOPs for the UNet stages."""
@@ -112,6 +114,7 @@ def suite(args):
     return bench_gpu.main(bench_gpu.cli(["run-tiny", *args]))
 
 
+@pytest.mark.slow
 def test_gpu_suite_runs_every_part_on_the_tiny_models(tmp_path):
     """bench_gpu.py run-tiny: every part measures (what needs CUDA is skipped, with the reason), every record
     carries what the table needs, the table has a row per measurement and the run's header line."""

@@ -10,6 +10,7 @@ gradient checkpointing through the compiled module, saving) is exactly the one a
 import copy
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -19,6 +20,7 @@ import train_alignprop
 from test_alignprop import small
 
 
+@pytest.mark.slow
 def test_compile_trains_and_saves_uncompiled_keys(tmp_path, monkeypatch, tiny):
     from torch._dynamo.backends.registry import lookup_backend
     real_compile, compiled, graphs = torch.compile, [], []

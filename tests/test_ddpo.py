@@ -119,6 +119,7 @@ def test_ratio_is_one_before_the_first_update(tmp_path, diffexp):
     assert os.listdir(os.path.join(run_dir, "samples"))
 
 
+@pytest.mark.slow
 def test_tiny_run_raises_the_reward(tmp_path):
     """Seeded: the mean reward of the last two epochs clearly exceeds the first epoch's."""
     cfg = small(tmp_path, num_epochs=6)

@@ -36,6 +36,7 @@ def run(script, run_dir, nproc, port):
             [r for r in records if r["epoch"] >= 0])  # the training epochs (not the evaluation before training)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_ddpo.py", "train_alignprop.py", "train_grpo.py"])
 def test_two_processes_equal_one(tmp_path, script, free_port):
     one, m1 = run(script, tmp_path / "one", 1, free_port)
@@ -68,6 +69,7 @@ with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".txt"), "w") as f
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer", ["train_ddpo", "train_alignprop"])
 def test_every_process_returns_after_the_last_checkpoint(tmp_path, trainer, free_port):
     """The shared tail (scaffold.Run) under torchrun x2: process 0 evaluates, draws, logs and checkpoints the

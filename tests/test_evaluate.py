@@ -284,6 +284,7 @@ def test_heldout_score_is_deterministic_and_leaves_rng_and_mode_alone(lora_model
 # ---- the trainers' evaluation
 
 
+@pytest.mark.slow
 def test_trainers_evaluate_the_plain_policy_before_and_during_training(tmp_path):
     """--eval.every: a record at 0 queries (the base model), then one per epoch, each with the training prompts'
     reward (plain_) and the held-out prompts' (heldout_) on fixed seeds; the first equals an independent

@@ -44,6 +44,7 @@ def test_loss_is_the_clipped_surrogate_plus_beta_kl():
     assert clipfrac.item() == pytest.approx(2 / 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset, prefix", [("tiny-sd3", "transformer."), ("tiny", "unet.")])
 def test_tiny_run_is_on_policy_and_raises_the_plain_reward(tmp_path, preset, prefix):
     """Both model families: the flow SDE (tiny SD3) and DDIM with eta (the tiny SD v1.5-style model)."""

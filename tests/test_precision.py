@@ -17,6 +17,7 @@ from test_alignprop import small as small_alignprop
 from test_ddpo import small as small_ddpo
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer, small", [(train_ddpo, small_ddpo), (train_alignprop, small_alignprop)])
 def test_float16_training_step_on_cpu(tmp_path, trainer, small):
     run = trainer.main(small(tmp_path, dtype="float16"))

@@ -86,6 +86,7 @@ def parse_only(command: str):
     module.cli(words[i + 1:])
 
 
+@pytest.mark.slow
 def test_readme_commands(tmp_path, free_port):
     commands = readme_commands()
     assert len(commands) >= 8, commands

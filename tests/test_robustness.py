@@ -49,6 +49,7 @@ def nan_reward_from_call(n):
     return make
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer, small", TRAINERS)
 def test_nan_reward_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch, trainer, small):
     full = trainer.main(small(tmp_path / "full", num_epochs=3, log=scaffold.LogConfig(save_every=0)))
@@ -84,6 +85,7 @@ def test_failing_reward_model_keeps_the_samples(tmp_path, monkeypatch, trainer, 
     assert saved["images"].shape[1:] == (3, 32, 32) and 0 <= saved["images"].min() <= saved["images"].max() <= 1
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     flags = ["tiny", "--num-epochs", "3", "--log.save-every", "0", "--sample.num-steps", "4", "--sample.batch-size", "4",
              "--sample.num-batches", "2", "--train.batch-size", "2", "--train.updates-per-epoch", "2",

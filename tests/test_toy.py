@@ -268,6 +268,7 @@ def sampler_clips_x0(scheduler) -> bool:
     return torch.allclose(x_prev.flatten(), clipped.view(1).float(), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(TOY_MODEL), reason="no pretrained toy model shipped")
 def test_shipped_model_follows_guidance():
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(TOY_MODEL) for f in fs)
@@ -317,6 +318,7 @@ def test_one_toy_epoch_of_each_trainer(tmp_path, trainer, preset):
     assert any(v.abs().max() > 0 for k, v in load_file(path).items() if "lora_B" in k)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(TOY_MODEL), reason="no pretrained toy model shipped")
 def test_ddpo_gradient_signal_measurement_runs():
     """experiments/ddpo_gradient_signal.py (a measurement made on the v1 world, experiments.md section 5) still
