@@ -30,12 +30,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: an end-to-end test of 10 s or more on a 2-core CPU (deselect with -m 'not slow')")
 
 
-def pytest_collection_modifyitems(items):
-    """The slow tests first (a stable sort, the same order in every worker): under pytest -n the long ones
-    start at once instead of arriving last at one worker while the other has nothing left to do."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(scope="session")
 def tiny():
     """diffusion.load_models('tiny'): random tiny UNet / VAE / 2-layer CLIP text encoder, real tokenizer."""
