@@ -134,15 +134,20 @@ def is_flow_model(name: str) -> bool:
     return "stable-diffusion-3" in name.lower()
 
 
+# the random models' configs: transformer, VAE, CLIP-L, CLIP-G, T5, and T5's context
+RANDOM_ARCHITECTURES = {
+    "tiny-sd3": (TINY_TRANSFORMER, TINY_VAE, TINY_CLIP, TINY_CLIP, TINY_T5, TINY_T5_LENGTH),
+    "sd35m-random": (SD35M_TRANSFORMER, SD35M_VAE, diffusion.SD15_TEXT, diffusion.SDXL_TEXT_2, SD35M_T5,
+                     SD35M_T5_LENGTH),
+}
+
+
 def load_flow_models(name: str = "tiny-sd3", device="cpu", dtype=torch.float32, seed: int = 0) -> FlowModels:
     """name: 'tiny-sd3' (offline, random), 'sd35m' (SD3.5 Medium from the hub), 'sd35m-random' (its full-size
     architecture with random weights, no download), a local diffusers folder or a hub id. Frozen weights on
     `device` in `dtype`, eval mode, requires_grad False (the VAE stays float32)."""
-    if name == "tiny-sd3":
-        models = _random(name, TINY_TRANSFORMER, TINY_VAE, TINY_CLIP, TINY_CLIP, TINY_T5, TINY_T5_LENGTH, seed)
-    elif name == "sd35m-random":
-        models = _random(name, SD35M_TRANSFORMER, SD35M_VAE, diffusion.SD15_TEXT, diffusion.SDXL_TEXT_2,
-                         SD35M_T5, SD35M_T5_LENGTH, seed)
+    if name in RANDOM_ARCHITECTURES:
+        models = _random(name, *RANDOM_ARCHITECTURES[name], seed)
     elif name == "sd35m":
         models = _pretrained(SD35M_HUB_ID)
     elif os.path.isdir(name) or (name.count("/") == 1 and not name.startswith((".", "/"))):

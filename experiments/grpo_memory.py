@@ -31,18 +31,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-import diffusion  # noqa: E402
 import flow  # noqa: E402
 import lora  # noqa: E402
 import train_grpo  # noqa: E402
 
 GIB = 2 ** 30
-ARCHITECTURES = {  # the configs flow.load_flow_models builds each model from
-    "tiny-sd3": (flow.TINY_TRANSFORMER, flow.TINY_VAE, flow.TINY_CLIP, flow.TINY_CLIP, flow.TINY_T5,
-                 flow.TINY_T5_LENGTH),
-    "sd35m-random": (flow.SD35M_TRANSFORMER, flow.SD35M_VAE, diffusion.SD15_TEXT, diffusion.SDXL_TEXT_2,
-                     flow.SD35M_T5, flow.SD35M_T5_LENGTH),
-}
 
 
 def fake_models(name: str, dtype: torch.dtype) -> tuple[dict, FakeTensorMode]:
@@ -51,9 +44,9 @@ def fake_models(name: str, dtype: torch.dtype) -> tuple[dict, FakeTensorMode]:
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     arch = "sd35m-random" if name == "sd35m" else name
-    if arch not in ARCHITECTURES:
-        raise common.ConfigError(f"--model {name}: this estimate knows {', '.join(ARCHITECTURES)} and sd35m.")
-    transformer, vae, clip_l, clip_g, t5, t5_length = ARCHITECTURES[arch]
+    if arch not in flow.RANDOM_ARCHITECTURES:
+        raise common.ConfigError(f"--model {name}: this estimate knows {', '.join(flow.RANDOM_ARCHITECTURES)} and sd35m.")
+    transformer, vae, clip_l, clip_g, t5, t5_length = flow.RANDOM_ARCHITECTURES[arch]
     mode, default = FakeTensorMode(allow_non_fake_inputs=True), torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
