@@ -45,7 +45,8 @@ def fake_models(name: str, dtype: torch.dtype) -> tuple[dict, FakeTensorMode]:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     arch = "sd35m-random" if name == "sd35m" else name
     if arch not in flow.RANDOM_ARCHITECTURES:
-        raise common.ConfigError(f"--model {name}: this estimate knows {', '.join(flow.RANDOM_ARCHITECTURES)} and sd35m.")
+        known = ", ".join(flow.RANDOM_ARCHITECTURES)
+        raise common.ConfigError(f"--model {name}: this estimate knows {known} and sd35m.")
     transformer, vae, clip_l, clip_g, t5, t5_length = flow.RANDOM_ARCHITECTURES[arch]
     mode, default = FakeTensorMode(allow_non_fake_inputs=True), torch.get_default_dtype()
     torch.set_default_dtype(dtype)
