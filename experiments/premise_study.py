@@ -11,10 +11,17 @@ GRPO, DiffExp against the baseline at the dial's two ends (8.3).
     python experiments/premise_study.py analyse --pilot   # the same for the pilot's runs (runs/premise-study/pilot-*)
     python experiments/premise_study.py list       # the runs and their commands, done or not
     python experiments/premise_study.py status     # per trainer x level: seeds complete, runs and hours left
+    python experiments/premise_study.py record     # the record of runs finished before it was kept (see below)
 
-Runs go to runs/premise-study/{pilot,study}/{trainer}-{level}-{arm}-s{seed}/, a log file beside each.
-`analyse` writes runs/premise-study/analysis.json, runs/premise-study/tables.md, a labelled grid of every arm's final
-plain policy per trainer x level (runs/premise-study/grid-*.png, the first seed) and docs/premise-study.png.
+Runs go to runs/premise-study/{pilot,study}/{trainer}-{level}-{arm}-s{seed}/, a log file beside each. As each run
+finishes, its record is written to experiments/premise-study/{pilot,study}/{run}/: its config.json, the
+metrics.jsonl keys the analysis reads and its final policy's statistics (final_stats.json, written last), a few KB.
+The record is committed with the study. `status` and `analyse` read only the record, so the tables and figures can be
+rebuilt and checked without the run folders (about 20 hours of this study on two CPU cores), and runs made in
+several sittings or on several machines add up. `analyse` writes runs/premise-study/analysis.json,
+runs/premise-study/tables.md, a labelled grid of every arm's final plain policy per trainer x level
+(runs/premise-study/grid-*.png, the first seed; only where those runs' checkpoints are on disk) and, once every
+trainer x level is read, docs/premise-study.png and docs/premise-speedup.png.
 """
 
 import json
@@ -28,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import toy_study  # noqa: E402  (running runs two at a time, final-policy statistics)
 
 OUT = os.path.join(ROOT, "runs", "premise-study")
+RECORD = os.path.join(ROOT, "experiments", "premise-study")
 SUCCESS = "toy-dial-success"
 TRAINERS = ("ddpo", "alignprop", "grpo")
 LEVELS = ("dense", "medium", "sparse")
@@ -75,6 +83,10 @@ class Run:
     def folder(self):
         return os.path.join(OUT, self.phase, self.name)
 
+    @property
+    def record(self):
+        return os.path.join(RECORD, self.phase, self.name)
+
     def command(self):
         epochs = (PILOT_EPOCHS if self.phase == "pilot" else EPOCHS)[self.trainer]
         return [sys.executable, os.path.join(ROOT, f"train_{self.trainer}.py"), "toy", "--seed", str(self.seed),
@@ -114,6 +126,51 @@ def study_runs() -> list[Run]:
     return runs
 
 
+# -----------------------------------------------------------------------------
+# The record: what the analysis reads of a finished run
+
+# the metrics.jsonl keys the analysis reads (the curves, the advantage-signal share, the rollouts' reward, whether
+# an epoch explored), the epoch included so that a record is recognised as finished as its run folder is
+KEEP = ("epoch", "reward_queries", "exploring", "reward_mean", "signal_share", "plain_reward_mean",
+        f"plain_{SUCCESS}_mean", "heldout_reward_mean")
+
+
+def recorded(run: Run) -> bool:
+    """Whether the run's record is complete: final_stats.json is written last, after a finished run."""
+    return os.path.isfile(os.path.join(run.record, "final_stats.json"))
+
+
+def write_json(path: str, text: str):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def record(run: Run):
+    """Writes the record of a finished run (each file atomically, final_stats.json last)."""
+    import scaffold
+    if not toy_study.finished(run):
+        raise SystemExit(f"record: {run.folder} is not a finished run (its last epoch is not in metrics.jsonl); "
+                         f"finish it first with `python {sys.argv[0]} run`.")
+    stats = toy_study.final_policy_stats(run)  # the final checkpoint's samples: seeds 1000.., plain prompts
+    os.makedirs(run.record, exist_ok=True)
+    with open(os.path.join(run.folder, "config.json")) as f:
+        write_json(os.path.join(run.record, "config.json"), json.dumps(json.load(f), indent=1) + "\n")
+    metrics = scaffold.read_metrics(os.path.join(run.folder, "metrics.jsonl"))
+    write_json(os.path.join(run.record, "metrics.jsonl"),
+               "".join(json.dumps({k: m[k] for k in KEEP if k in m}) + "\n" for m in metrics))
+    write_json(os.path.join(run.record, "final_stats.json"), json.dumps(stats, indent=1) + "\n")
+
+
+def run_and_record(todo: list[Run], out: str):
+    """The runs `todo` two at a time (resuming any that have a checkpoint), each recorded as it finishes; a run
+    already finished is only recorded."""
+    for r in todo:
+        if toy_study.finished(r):
+            record(r)
+    toy_study.run_many([r for r in todo if not recorded(r)], out, after=record)
+
+
 def status():
     """Per trainer x level: the seeds every arm has finished, and the runs left with the hours they need at
     the median time of the trainer's finished runs, pilot and study (two at a time; a resumed run's time is
@@ -128,7 +185,7 @@ def status():
         median = took[len(took) // 2] if took else 20 * 60
         for level in LEVELS_OF[trainer]:
             mine = [r for r in runs if (r.trainer, r.level) == (trainer, level)]
-            left = [r for r in mine if not toy_study.finished(r)]
+            left = [r for r in mine if not recorded(r)]
             hours += len(left) * median / 3600 / 2
             print(f"{trainer}-{level}: seeds complete {complete_seeds(trainer, level, runs)} of "
                   f"{list(seeds_of(trainer, level))}; {len(left)} of {len(mine)} runs left")
@@ -151,11 +208,11 @@ SPARSE_THRESHOLD = 0.04
 
 def complete_seeds(trainer: str, level: str, runs: list[Run]) -> list[int]:
     mine = [r for r in runs if (r.trainer, r.level) == (trainer, level)]
-    return sorted(s for s in {r.seed for r in mine} if all(toy_study.finished(r) for r in mine if r.seed == s))
+    return sorted(s for s in {r.seed for r in mine} if all(recorded(r) for r in mine if r.seed == s))
 
 
 def group_spec(runs: list[Run], arm: str, seeds: list[int]) -> str:
-    return f"{arm}=" + ",".join(r.folder for r in runs if r.arm == arm and r.seed in seeds)
+    return f"{arm}=" + ",".join(r.record for r in runs if r.arm == arm and r.seed in seeds)
 
 
 def analyse(phase: str = "study"):
@@ -185,8 +242,11 @@ def analyse(phase: str = "study"):
             if trainer == "grpo":  # 8.3: the rollouts' own reward (success rate at the sparse end), by mode
                 result["rollout_reward"] = {arm: mean_key(mine, arm, seeds, "reward_mean") for arm in present}
             result["final"] = {arm: final_stats([r for r in mine if r.arm == arm and r.seed in seeds]) for arm in present}
-            final_grid([r for arm in present for r in mine if r.arm == arm and r.seed == seeds[0]], level,
-                       os.path.join(OUT, f"{out}grid-{key}-s{seeds[0]}.png"))
+            first = [r for arm in present for r in mine if r.arm == arm and r.seed == seeds[0]]
+            if all(toy_study.finished(r) for r in first):  # the grid samples the checkpoints: only where they are
+                final_grid(first, level, os.path.join(OUT, f"{out}grid-{key}-s{seeds[0]}.png"))
+            else:
+                print(f"{key}: no grid (the run folders of seed {seeds[0]} are not on this disk)")
             results[key] = result
     with open(os.path.join(OUT, f"{out}analysis.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
@@ -210,7 +270,7 @@ def mean_key(runs: list[Run], arm: str, seeds: list[int], key: str) -> dict:
     out = {"exploring": [], "plain": []}
     for r in runs:
         if r.arm == arm and r.seed in seeds:
-            records = [m for m in scaffold.read_metrics(os.path.join(r.folder, "metrics.jsonl")) if key in m]
+            records = [m for m in scaffold.read_metrics(os.path.join(r.record, "metrics.jsonl")) if key in m]
             for mode in out:
                 values = [m[key] for m in records if m["exploring"] == (mode == "exploring")]
                 if values:
@@ -219,7 +279,7 @@ def mean_key(runs: list[Run], arm: str, seeds: list[int], key: str) -> dict:
 
 
 def final_stats(runs: list[Run]) -> dict:
-    stats = [toy_study.final_policy_stats(r) for r in runs]
+    stats = [json.load(open(os.path.join(r.record, "final_stats.json"))) for r in runs]
     return {k: [s[k] for s in stats] for k in stats[0]} if stats else {}
 
 
@@ -365,15 +425,20 @@ if __name__ == "__main__":
     only = sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--only" else ""
     if what in ("pilot", "run"):
         todo = pilot_runs() if what == "pilot" else study_runs()
-        todo = [r for r in todo if not toy_study.finished(r) and (not only or f"{r.trainer}-{r.level}" == only)]
-        toy_study.run_many(todo, os.path.join(OUT, what))
+        todo = [r for r in todo if not recorded(r) and (not only or f"{r.trainer}-{r.level}" == only)]
+        run_and_record(todo, os.path.join(OUT, what))
+    elif what == "record":
+        for r in pilot_runs() + study_runs():
+            if toy_study.finished(r) and not recorded(r):
+                record(r)
+                print("recorded", r.name)
     elif what == "analyse":
         analyse("pilot" if "--pilot" in sys.argv else "study")
     elif what == "list":
         for r in pilot_runs() + study_runs():
-            print("done" if toy_study.finished(r) else "todo", " ".join(r.command()[1:]))
+            print("done" if recorded(r) else "todo", " ".join(r.command()[1:]))
     elif what == "status":
         status()
     else:
         raise SystemExit(f"usage: python {sys.argv[0]} pilot | run [--only TRAINER-LEVEL] | analyse [--pilot] | list "
-                         "| status")
+                         "| status | record")

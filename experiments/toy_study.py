@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,18 +100,22 @@ def execute(run) -> float:
     return time.time() - start
 
 
-def run_many(todo: list, out: str):
-    """The runs `todo`, two at a time, in order; each run's seconds in OUT/times.json."""
+def run_many(todo: list, out: str, after=None):
+    """The runs `todo`, two at a time, in order; each run's seconds in OUT/times.json; after(run), if given, once
+    a run has finished (one at a time)."""
     times_path = os.path.join(out, "times.json")
     os.makedirs(out, exist_ok=True)
     times = json.load(open(times_path)) if os.path.isfile(times_path) else {}
     print(f"{len(todo)} runs to do, two at a time", flush=True)
     start = time.time()
 
-    done = []
+    done, lock = [], threading.Lock()
 
     def one(run):
         seconds = execute(run)
+        if after is not None:
+            with lock:
+                after(run)
         times[run.name] = seconds
         with open(times_path + ".tmp", "w") as f:
             json.dump(times, f, indent=1)

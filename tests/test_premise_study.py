@@ -3,10 +3,12 @@ pre-registration describes: every one parses with its trainer, trains on its lev
 budget, and explores for exactly 3/4 of its reward queries (none in the baselines)."""
 
 import importlib
+import json
 import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
 import explore  # noqa: E402
@@ -54,7 +56,7 @@ def test_analyse_reads_no_trainer_and_level_before_every_seed_is_finished(tmp_pa
     monkeypatch.setattr(ps, "OUT", str(tmp_path / "out"))
     monkeypatch.setattr(ps, "ROOT", str(tmp_path))
     os.makedirs(tmp_path / "out")
-    monkeypatch.setattr(ps.toy_study, "finished", lambda r: r.seed == 20)
+    monkeypatch.setattr(ps, "recorded", lambda r: r.seed == 20)
     import compare
     monkeypatch.setattr(compare, "main", lambda *a: pytest.fail("compared an unfinished trainer x level"))
     ps.analyse()
@@ -63,3 +65,43 @@ def test_analyse_reads_no_trainer_and_level_before_every_seed_is_finished(tmp_pa
         for level in ps.LEVELS_OF[trainer]:
             assert f"{trainer}-{level}: 1 of {len(ps.seeds_of(trainer, level))} seeds finished by every arm; left out" in printed
     assert (tmp_path / "out" / "premise-speedup.png").is_file() and not (tmp_path / "docs").exists()
+
+
+def test_a_finished_runs_record_is_what_the_analysis_reads(tmp_path, monkeypatch):
+    """A short real DDPO run on the dial: its record (config, the kept metrics, final statistics) gives the
+    analysis the same curves, seed, advantage-signal share and final statistics as the run folder does; a
+    finished run is recorded, not run again; an unfinished one is refused, naming its folder."""
+    import compare
+    import scaffold
+    import train_ddpo
+    monkeypatch.setattr(ps, "OUT", str(tmp_path / "out"))
+    monkeypatch.setattr(ps, "RECORD", str(tmp_path / "record"))
+    run = ps.Run("study", "ddpo", "dense", "diffexp", 20, ())
+    with pytest.raises(SystemExit, match=f"record: {run.folder} is not a finished run"):
+        ps.record(run)
+    command = run.command()[2:]
+    command[command.index("--num-epochs") + 1] = "2"
+    train_ddpo.main(train_ddpo.cli(command + [
+        "--sample.num-steps", "2", "--sample.batch-size", "4", "--sample.num-batches", "1", "--train.batch-size", "2",
+        "--train.updates-per-epoch", "1", "--train.timesteps-per-forward", "1", "--eval.samples-per-prompt", "1",
+        "--log.save-every", "1", "--prompts", os.path.join(ps.ROOT, "prompts", "toy_heldout.txt")]))
+    ran = []
+    monkeypatch.setattr(ps.toy_study, "run_many", lambda todo, out, after: ran.extend(todo))
+    ps.run_and_record([run], ps.OUT)
+    assert ran == [] and ps.recorded(run) and ps.toy_study.finished(run)
+    full = scaffold.read_metrics(os.path.join(run.folder, "metrics.jsonl"))
+    kept = scaffold.read_metrics(os.path.join(run.record, "metrics.jsonl"))
+    assert len(kept) == len(full) and all(set(k) <= set(ps.KEEP) for k in kept)
+    for metric in ("plain_reward_mean", f"plain_{ps.SUCCESS}_mean", "heldout_reward_mean", "reward_mean"):
+        x, y = compare.read_curve(run.folder, metric)
+        xr, yr = compare.read_curve(run.record, metric)
+        assert len(x) >= 2 and torch.equal(x, xr) and torch.equal(y, yr)  # every epoch (and the plain policy before)
+    assert compare.run_seeds([run.record]) == [20]
+    epochs = [m for m in full if "signal_share" in m]
+    assert len(epochs) == 2 and any(m["exploring"] for m in epochs)
+    for mode, shares in ps.mean_key([run], "diffexp", [20], "signal_share").items():
+        mine = [m["signal_share"] for m in epochs if m["exploring"] == (mode == "exploring")]
+        assert shares == ([sum(mine) / len(mine)] if mine else [])
+    stats = json.load(open(os.path.join(run.record, "final_stats.json")))
+    assert stats == ps.toy_study.final_policy_stats(run) and 0 <= stats["alignment"] <= 1
+    assert ps.final_stats([run]) == {k: [v] for k, v in stats.items()}
