@@ -154,8 +154,9 @@ def record(run: Run):
                          f"finish it first with `python {sys.argv[0]} run`.")
     stats = toy_study.final_policy_stats(run)  # the final checkpoint's samples: seeds 1000.., plain prompts
     os.makedirs(run.record, exist_ok=True)
-    with open(os.path.join(run.folder, "config.json")) as f:
-        write_json(os.path.join(run.record, "config.json"), json.dumps(json.load(f), indent=1) + "\n")
+    with open(os.path.join(run.folder, "config.json")) as f:  # its paths relative to the repository
+        config = json.loads(f.read().replace(json.dumps(ROOT + os.sep)[1:-1], ""))
+    write_json(os.path.join(run.record, "config.json"), json.dumps(config, indent=1) + "\n")
     metrics = scaffold.read_metrics(os.path.join(run.folder, "metrics.jsonl"))
     write_json(os.path.join(run.record, "metrics.jsonl"),
                "".join(json.dumps({k: m[k] for k in KEEP if k in m}) + "\n" for m in metrics))

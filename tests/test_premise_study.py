@@ -97,6 +97,10 @@ def test_a_finished_runs_record_is_what_the_analysis_reads(tmp_path, monkeypatch
         xr, yr = compare.read_curve(run.record, metric)
         assert len(x) >= 2 and torch.equal(x, xr) and torch.equal(y, yr)  # every epoch (and the plain policy before)
     assert compare.run_seeds([run.record]) == [20]
+    config = json.load(open(os.path.join(run.record, "config.json")))  # the folder's, paths relative to ROOT
+    assert config["model"] == "weights/toy" and config["prompts"] == "prompts/toy_heldout.txt"
+    assert config == json.loads(json.dumps(json.load(open(os.path.join(run.folder, "config.json")))).replace(
+        ps.ROOT + os.sep, ""))
     epochs = [m for m in full if "signal_share" in m]
     assert len(epochs) == 2 and any(m["exploring"] for m in epochs)
     for mode, shares in ps.mean_key([run], "diffexp", [20], "signal_share").items():
