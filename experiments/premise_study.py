@@ -15,17 +15,19 @@ GRPO, DiffExp against the baseline at the dial's two ends (8.3).
 
 Runs go to runs/premise-study/{pilot,study}/{trainer}-{level}-{arm}-s{seed}/, a log file beside each. As each run
 finishes, its record is written to experiments/premise-study/{pilot,study}/{run}/: its config.json, the
-metrics.jsonl keys the analysis reads and its final policy's statistics (final_stats.json, written last), a few KB.
-The record is committed with the study. `status` and `analyse` read only the record, so the tables and figures can be
-rebuilt and checked without the run folders (about 20 hours of this study on two CPU cores), and runs made in
-several sittings or on several machines add up. `analyse` writes runs/premise-study/analysis.json,
-runs/premise-study/tables.md, a labelled grid of every arm's final plain policy per trainer x level
-(runs/premise-study/grid-*.png, the first seed; only where those runs' checkpoints are on disk) and, once every
-trainer x level is read, docs/premise-study.png and docs/premise-speedup.png.
+metrics.jsonl keys the analysis reads, the CPU and torch that recorded it with the run's time (machine.json) and its
+final policy's statistics (final_stats.json, written last), a few KB. The record is committed with the study.
+`status` and `analyse` read only the record, so the tables and figures can be rebuilt and checked without the run
+folders (about 20 hours of this study on two CPU cores), and runs made in several sittings or on several machines
+add up. `analyse` writes runs/premise-study/analysis.json, runs/premise-study/tables.md, a labelled grid of every
+arm's final plain policy per trainer x level (runs/premise-study/grid-*.png, the first seed; only where those runs'
+checkpoints are on disk) and, once every trainer x level is read, docs/premise-study.png and
+docs/premise-speedup.png.
 """
 
 import json
 import os
+import platform
 import sys
 from dataclasses import dataclass
 
@@ -160,6 +162,14 @@ def record(run: Run):
     metrics = scaffold.read_metrics(os.path.join(run.folder, "metrics.jsonl"))
     write_json(os.path.join(run.record, "metrics.jsonl"),
                "".join(json.dumps({k: m[k] for k in KEEP if k in m}) + "\n" for m in metrics))
+    # where it was recorded: floating point differs across CPUs (vector instruction sets), and a DDPO run
+    # drifts apart from its twin on another CPU after a few epochs (experiments.md 8.4); and its run time
+    import torch
+    times = os.path.join(OUT, "run" if run.phase == "study" else "pilot", "times.json")
+    seconds = json.load(open(times)).get(run.name) if os.path.isfile(times) else None
+    machine = {"machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "torch": torch.__version__, "seconds": seconds}
+    write_json(os.path.join(run.record, "machine.json"), json.dumps(machine, indent=1) + "\n")
     write_json(os.path.join(run.record, "final_stats.json"), json.dumps(stats, indent=1) + "\n")
 
 
@@ -176,10 +186,15 @@ def status():
     """Per trainer x level: the seeds every arm has finished, and the runs left with the hours they need at
     the median time of the trainer's finished runs, pilot and study (two at a time; a resumed run's time is
     only its last part's)."""
-    runs, times = study_runs(), []
-    for phase in ("pilot", "run"):  # each finished run's seconds, pilot and study (run_many writes them)
+    runs, times = study_runs(), {}
+    for r in pilot_runs() + runs:  # each finished run's seconds, pilot and study: the record's, else run_many's
+        path = os.path.join(r.record, "machine.json")
+        seconds = json.load(open(path))["seconds"] if os.path.isfile(path) else None
+        times |= {r.name: seconds} if seconds else {}
+    for phase in ("pilot", "run"):
         path = os.path.join(OUT, phase, "times.json")
-        times += list(json.load(open(path)).items()) if os.path.isfile(path) else []
+        times |= json.load(open(path)) if os.path.isfile(path) else {}
+    times = list(times.items())
     hours = 0.0
     for trainer in TRAINERS:
         took = sorted(v for k, v in times if k.startswith(trainer + "-"))

@@ -106,6 +106,8 @@ def test_a_finished_runs_record_is_what_the_analysis_reads(tmp_path, monkeypatch
     for mode, shares in ps.mean_key([run], "diffexp", [20], "signal_share").items():
         mine = [m["signal_share"] for m in epochs if m["exploring"] == (mode == "exploring")]
         assert shares == ([sum(mine) / len(mine)] if mine else [])
+    machine = json.load(open(os.path.join(run.record, "machine.json")))
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and machine["torch"] == torch.__version__
     stats = json.load(open(os.path.join(run.record, "final_stats.json")))
     assert stats == ps.toy_study.final_policy_stats(run) and 0 <= stats["alignment"] <= 1
     assert ps.final_stats([run]) == {k: [v] for k, v in stats.items()}
