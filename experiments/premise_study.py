@@ -163,7 +163,7 @@ def record(run: Run):
     write_json(os.path.join(run.record, "metrics.jsonl"),
                "".join(json.dumps({k: m[k] for k in KEEP if k in m}) + "\n" for m in metrics))
     # where it was recorded: floating point differs across CPUs (vector instruction sets), and a DDPO run
-    # drifts apart from its twin on another CPU after a few epochs (experiments.md 8.4); and its run time
+    # drifts apart from its twin on another CPU after a few epochs (experiments.md 8.1); and its run time
     import torch
     times = os.path.join(OUT, "run" if run.phase == "study" else "pilot", "times.json")
     seconds = json.load(open(times)).get(run.name) if os.path.isfile(times) else None
