@@ -142,12 +142,6 @@ def recorded(run: Run) -> bool:
     return os.path.isfile(os.path.join(run.record, "final_stats.json"))
 
 
-def write_json(path: str, text: str):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def record(run: Run):
     """Writes the record of a finished run (each file atomically, final_stats.json last)."""
     import scaffold
@@ -158,9 +152,9 @@ def record(run: Run):
     os.makedirs(run.record, exist_ok=True)
     with open(os.path.join(run.folder, "config.json")) as f:  # its paths relative to the repository
         config = json.loads(f.read().replace(json.dumps(ROOT + os.sep)[1:-1], ""))
-    write_json(os.path.join(run.record, "config.json"), json.dumps(config, indent=1) + "\n")
+    toy_study.write_atomic(os.path.join(run.record, "config.json"), json.dumps(config, indent=1) + "\n")
     metrics = scaffold.read_metrics(os.path.join(run.folder, "metrics.jsonl"))
-    write_json(os.path.join(run.record, "metrics.jsonl"),
+    toy_study.write_atomic(os.path.join(run.record, "metrics.jsonl"),
                "".join(json.dumps({k: m[k] for k in KEEP if k in m}) + "\n" for m in metrics))
     # where it was recorded: floating point differs across CPUs (vector instruction sets), and a DDPO run
     # drifts apart from its twin on another CPU after a few epochs (experiments.md 8.1); and its run time
@@ -169,16 +163,22 @@ def record(run: Run):
     seconds = json.load(open(times)).get(run.name) if os.path.isfile(times) else None
     machine = {"machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "torch": torch.__version__, "seconds": seconds}
-    write_json(os.path.join(run.record, "machine.json"), json.dumps(machine, indent=1) + "\n")
-    write_json(os.path.join(run.record, "final_stats.json"), json.dumps(stats, indent=1) + "\n")
+    toy_study.write_atomic(os.path.join(run.record, "machine.json"), json.dumps(machine, indent=1) + "\n")
+    toy_study.write_atomic(os.path.join(run.record, "final_stats.json"), json.dumps(stats, indent=1) + "\n")
+
+
+def record_finished(runs: list[Run]):
+    """Records those of `runs` that have finished and have no record yet."""
+    for r in runs:
+        if toy_study.finished(r) and not recorded(r):
+            record(r)
+            print("recorded", r.name, flush=True)
 
 
 def run_and_record(todo: list[Run], out: str):
     """The runs `todo` two at a time (resuming any that have a checkpoint), each recorded as it finishes; a run
     already finished is only recorded."""
-    for r in todo:
-        if toy_study.finished(r):
-            record(r)
+    record_finished(todo)
     toy_study.run_many([r for r in todo if not recorded(r)], out, after=record)
 
 
@@ -186,15 +186,14 @@ def status():
     """Per trainer x level: the seeds every arm has finished, and the runs left with the hours they need at
     the median time of the trainer's finished runs, pilot and study (two at a time; a resumed run's time is
     only its last part's)."""
-    runs, times = study_runs(), {}
-    for r in pilot_runs() + runs:  # each finished run's seconds, pilot and study: the record's, else run_many's
-        path = os.path.join(r.record, "machine.json")
-        seconds = json.load(open(path))["seconds"] if os.path.isfile(path) else None
-        times |= {r.name: seconds} if seconds else {}
+    runs = study_runs()
+    # each finished run's seconds, pilot and study: run_many's on this disk, else the record's
+    machine = {r.name: os.path.join(r.record, "machine.json") for r in pilot_runs() + runs}
+    times = {name: json.load(open(path))["seconds"] for name, path in machine.items() if os.path.isfile(path)}
     for phase in ("pilot", "run"):
         path = os.path.join(OUT, phase, "times.json")
         times |= json.load(open(path)) if os.path.isfile(path) else {}
-    times = list(times.items())
+    times = [(k, v) for k, v in times.items() if v is not None]
     hours = 0.0
     for trainer in TRAINERS:
         took = sorted(v for k, v in times if k.startswith(trainer + "-"))
@@ -444,10 +443,7 @@ if __name__ == "__main__":
         todo = [r for r in todo if not recorded(r) and (not only or f"{r.trainer}-{r.level}" == only)]
         run_and_record(todo, os.path.join(OUT, what))
     elif what == "record":
-        for r in pilot_runs() + study_runs():
-            if toy_study.finished(r) and not recorded(r):
-                record(r)
-                print("recorded", r.name)
+        record_finished(pilot_runs() + study_runs())
     elif what == "analyse":
         analyse("pilot" if "--pilot" in sys.argv else "study")
     elif what == "list":

@@ -100,9 +100,16 @@ def execute(run) -> float:
     return time.time() - start
 
 
+def write_atomic(path: str, text: str):
+    """Writes `text` to `path` through a temporary file, so the file is either whole or as it was."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def run_many(todo: list, out: str, after=None):
-    """The runs `todo`, two at a time, in order; each run's seconds in OUT/times.json; after(run), if given, once
-    a run has finished (one at a time)."""
+    """The runs `todo`, two at a time, in order; each run's seconds in OUT/times.json; then after(run), if given
+    (one run at a time)."""
     times_path = os.path.join(out, "times.json")
     os.makedirs(out, exist_ok=True)
     times = json.load(open(times_path)) if os.path.isfile(times_path) else {}
@@ -113,13 +120,11 @@ def run_many(todo: list, out: str, after=None):
 
     def one(run):
         seconds = execute(run)
-        if after is not None:
-            with lock:
+        with lock:  # one run's bookkeeping at a time: its seconds in times.json, then after(run)
+            times[run.name] = seconds
+            write_atomic(times_path, json.dumps(times, indent=1))
+            if after is not None:
                 after(run)
-        times[run.name] = seconds
-        with open(times_path + ".tmp", "w") as f:
-            json.dump(times, f, indent=1)
-        os.replace(times_path + ".tmp", times_path)
         done.append(run.name)
         print(f"{time.strftime('%H:%M:%S')} done {run.name} in {seconds / 60:.1f} min ({len(done)} of {len(todo)}; "
               f"{(time.time() - start) / 3600:.2f} h so far)", flush=True)
@@ -147,9 +152,7 @@ def final_policy_stats(run: Run, per_prompt: int = 8) -> dict:
     if cached.get("weights") == weights:
         return cached["stats"]
     stats = toy.describe(*final_samples(run, per_prompt))
-    with open(cache + ".tmp", "w") as f:
-        json.dump({"weights": weights, "stats": stats}, f)
-    os.replace(cache + ".tmp", cache)
+    write_atomic(cache, json.dumps({"weights": weights, "stats": stats}))
     return stats
 
 

@@ -111,3 +111,20 @@ def test_a_finished_runs_record_is_what_the_analysis_reads(tmp_path, monkeypatch
     stats = json.load(open(os.path.join(run.record, "final_stats.json")))
     assert stats == ps.toy_study.final_policy_stats(run) and 0 <= stats["alignment"] <= 1
     assert ps.final_stats([run]) == {k: [v] for k, v in stats.items()}
+
+
+def test_run_many_calls_after_once_each_run_has_its_seconds(tmp_path):
+    """The runner's hook (which writes a run's record, machine.json's seconds included) sees the run's time in
+    times.json already, for every run."""
+    class Quick:
+        def __init__(self, name):
+            self.name, self.folder = name, str(tmp_path / "out" / name)
+
+        def command(self):
+            return [sys.executable, "-c", "pass"]
+    seen = {}
+
+    def after(run):
+        seen[run.name] = json.load(open(tmp_path / "out" / "times.json")).get(run.name)
+    ps.toy_study.run_many([Quick("a"), Quick("b"), Quick("c")], str(tmp_path / "out"), after=after)
+    assert sorted(seen) == ["a", "b", "c"] and all(isinstance(s, float) and s > 0 for s in seen.values())
